@@ -1,0 +1,196 @@
+"""Retrieval metrics as pure functions of the ranks of each query's positives.
+
+Every metric here is a function of one ``Ranks`` object: for each query, the
+(1-based, ascending) positions of its positives in its ranking of the database, and
+how many positives it has in all (R).
+
+Ties are resolved as scikit-learn's ``average_precision_score`` resolves them, so
+that no metric depends on the arbitrary order of equal scores: items with equal
+scores share the worst (largest) rank of their group, and the number of hits
+counted at a positive includes every positive tied with it. Without ties, a
+query's j-th positive has j hits. How the ranks were obtained — FAISS top-k,
+an exact full ranking, a sharded search merged — is the search's business
+(``imret.search``); tests feed brute-force ranks and get the same numbers.
+
+With ranks r_1 <= r_2 <= ... <= r_R of a query's R positives and h_j hits at the j-th
+(h_j = j without ties):
+
+- ``map``           mean over queries of AP = (1/R) * sum_j h_j / r_j (full ranking)
+- ``map@k``         (1/min(k, R)) * sum_{j: r_j <= k} h_j / r_j
+- ``map@R``         (1/R) * sum_{j: r_j <= R} h_j / r_j ("A Metric Learning Reality Check")
+- ``r_precision``   #{j: r_j <= R} / R
+- ``precision@1``   1 if r_1 = 1
+- ``recall@k``      1 if r_1 <= k (some positive in the top k)
+- ``top1``, ``top3``  the sketch seed's names for recall@1 and recall@3
+
+Queries without any positive are left out of every mean and counted separately.
+A ``Ranks`` object knows the depth to which it ranked the database; a metric that
+needs deeper ranks than it has raises instead of returning a wrong number.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Ranks:
+    """Positive ranks of every query, in CSR form.
+
+    ``ranks[offsets[q]:offsets[q+1]]`` are query q's known positive ranks, ascending,
+    and ``hits`` (aligned with ``ranks``) the number of positives ranked at or before
+    each; ``num_positives[q]`` is its R. Ranks beyond ``depth`` are not known (a top-k
+    search); ``depth == database_size`` means the full ranking.
+    """
+
+    offsets: np.ndarray  # int64, num_queries + 1
+    ranks: np.ndarray  # int64, 1-based
+    num_positives: np.ndarray  # int64, per query
+    depth: int
+    database_size: int
+    hits: np.ndarray | None = None  # int64 aligned with ranks; None: no ties (1, 2, 3, ... per query)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.num_positives)
+
+    @property
+    def complete(self) -> bool:
+        return self.depth >= self.database_size
+
+    def subset(self, queries: np.ndarray) -> Ranks:
+        counts = np.diff(self.offsets)[queries]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        index = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts) + np.repeat(self.offsets[queries], counts)
+        hits = None if self.hits is None else self.hits[index]
+        return Ranks(offsets, self.ranks[index], self.num_positives[queries], self.depth, self.database_size, hits)
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """For every known rank: its query and its number of hits (positives at or before it)."""
+        counts = np.diff(self.offsets)
+        query = np.repeat(np.arange(self.num_queries), counts)
+        if self.hits is not None:
+            return query, self.hits
+        return query, np.arange(len(self.ranks)) - self.offsets[query] + 1
+
+
+def ranks_from_lists(rank_lists: Sequence[Sequence[int]], num_positives: Sequence[int], depth: int,
+                     database_size: int) -> Ranks:
+    """Build ``Ranks`` from per-query rank lists (tests, small cases)."""
+    sorted_lists = [np.sort(np.asarray(r, dtype=np.int64)) for r in rank_lists]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in sorted_lists])]).astype(np.int64)
+    ranks = np.concatenate(sorted_lists) if sorted_lists else np.zeros(0, dtype=np.int64)
+    return Ranks(offsets, ranks, np.asarray(num_positives, dtype=np.int64), depth, database_size)
+
+
+def _require_depth(ranks: Ranks, needed: int, metric: str) -> None:
+    if ranks.depth < min(needed, ranks.database_size):
+        raise ValueError(f"{metric} needs the ranking to depth {needed} but the search returned only {ranks.depth}; "
+                         "search deeper (a larger k) or use an exact full ranking")
+
+
+def _per_query_sum(ranks: Ranks, values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    query, _ = ranks.positions()
+    return np.bincount(query[keep], weights=values[keep], minlength=ranks.num_queries)
+
+
+def average_precision(ranks: Ranks) -> np.ndarray:
+    _require_depth(ranks, ranks.database_size, "map")
+    _, j = ranks.positions()
+    return _per_query_sum(ranks, j / ranks.ranks, np.ones(len(j), bool)) / np.maximum(ranks.num_positives, 1)
+
+
+def average_precision_at(ranks: Ranks, k: int) -> np.ndarray:
+    _require_depth(ranks, k, f"map@{k}")
+    _, j = ranks.positions()
+    return _per_query_sum(ranks, j / ranks.ranks, ranks.ranks <= k) / np.maximum(np.minimum(k, ranks.num_positives), 1)
+
+
+def map_at_r(ranks: Ranks) -> np.ndarray:
+    _require_depth(ranks, int(ranks.num_positives.max(initial=0)), "map@R")
+    query, j = ranks.positions()
+    keep = ranks.ranks <= ranks.num_positives[query]
+    return _per_query_sum(ranks, j / ranks.ranks, keep) / np.maximum(ranks.num_positives, 1)
+
+
+def r_precision(ranks: Ranks) -> np.ndarray:
+    _require_depth(ranks, int(ranks.num_positives.max(initial=0)), "r_precision")
+    query, _ = ranks.positions()
+    keep = ranks.ranks <= ranks.num_positives[query]
+    return _per_query_sum(ranks, np.ones(len(keep)), keep) / np.maximum(ranks.num_positives, 1)
+
+
+def first_rank(ranks: Ranks) -> np.ndarray:
+    """Each query's best positive rank (a huge number when none is known)."""
+    first = np.full(ranks.num_queries, np.iinfo(np.int64).max)
+    has = np.diff(ranks.offsets) > 0
+    first[has] = ranks.ranks[ranks.offsets[:-1][has]]
+    return first
+
+
+def recall_at(ranks: Ranks, k: int) -> np.ndarray:
+    _require_depth(ranks, k, f"recall@{k}")
+    return (first_rank(ranks) <= k).astype(np.float64)
+
+
+def precision_at_1(ranks: Ranks) -> np.ndarray:
+    return recall_at(ranks, 1)
+
+
+METRIC_PATTERNS: list[tuple[re.Pattern[str], Callable[[Ranks, re.Match[str]], np.ndarray]]] = [
+    (re.compile(r"map"), lambda r, m: average_precision(r)),
+    (re.compile(r"map@R"), lambda r, m: map_at_r(r)),
+    (re.compile(r"map@(\d+)"), lambda r, m: average_precision_at(r, int(m.group(1)))),
+    (re.compile(r"r_precision"), lambda r, m: r_precision(r)),
+    (re.compile(r"precision@1"), lambda r, m: precision_at_1(r)),
+    (re.compile(r"recall@(\d+)"), lambda r, m: recall_at(r, int(m.group(1)))),
+    (re.compile(r"top(\d+)"), lambda r, m: recall_at(r, int(m.group(1)))),
+]
+PAIR_METRICS = ("roc_auc", "cos_sim_pos", "cos_sim_neg")  # need similarities, not ranks (imret.evaluate)
+
+
+def _match(name: str) -> tuple[Callable[[Ranks, re.Match[str]], np.ndarray], re.Match[str]] | None:
+    for pattern, fn in METRIC_PATTERNS:
+        m = pattern.fullmatch(name)
+        if m:
+            return fn, m
+    return None
+
+
+def check_metric_name(name: str) -> None:
+    if name in PAIR_METRICS or _match(name):
+        return
+    raise ValueError(f"unknown metric '{name}'; metrics are map, map@K, map@R, r_precision, precision@1, "
+                     f"recall@K, topK, {', '.join(PAIR_METRICS)}")
+
+
+def depth_needed(names: Sequence[str], max_positives: int, database_size: int) -> int:
+    """How deep a top-k search must go for these metrics."""
+    depth = 1
+    for name in names:
+        if name == "map":
+            return database_size
+        number = re.search(r"@(\d+)$|^top(\d+)$", name)
+        if number:
+            depth = max(depth, int(number.group(1) or number.group(2)))
+        elif name in ("map@R", "r_precision"):
+            depth = max(depth, max_positives)
+    return min(depth, database_size)
+
+
+def compute(ranks: Ranks, names: Sequence[str]) -> dict[str, float]:
+    """Mean of each rank metric over the queries that have at least one positive."""
+    valid = np.flatnonzero(ranks.num_positives > 0)
+    subset = ranks.subset(valid)
+    out = {}
+    for name in names:
+        found = _match(name)
+        if found is None:
+            continue  # pair metrics are computed elsewhere
+        fn, m = found
+        out[name] = float(fn(subset, m).mean()) if len(valid) else float("nan")
+    return out

@@ -1,0 +1,198 @@
+"""Submit an experiment by name: ``python launch/submit.py --exp digits_demo``.
+
+Resolves the experiment from experiments.yaml (with --set overrides), checks it,
+writes the resolved config into its run directory, and submits the stages that are
+not done yet: on SLURM as a chain of dependent jobs, otherwise through submitit's
+local executor (one process per rank, gloo on CPU) while this command waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a script from a checkout, installed or not
+    sys.path.insert(0, str(ROOT))
+
+from imret.config import ConfigError, Experiments, ExperimentConfig, save_yaml  # noqa: E402
+
+HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", help="experiment name from experiments.yaml")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (repeatable), e.g. --set optim.lr=1e-3")
+    p.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
+                   help="auto: SLURM when a controller answers, else local processes (default)")
+    p.add_argument("--dry-run", action="store_true", help="show stages, job shapes and sbatch parameters; submit nothing")
+    p.add_argument("--wait", action="store_true", help="on SLURM, wait for the chain and show the results")
+    p.add_argument("--force", action="store_true",
+                   help="accept a config that differs from the one already in the run directory (the old one is kept)")
+    p.add_argument("--experiments", type=Path, default=ROOT / "experiments.yaml", help="experiments file")
+    return p
+
+
+def list_experiments(exps: Experiments) -> None:
+    names = exps.runnable()
+    width = max(len(n) for n in names) if names else 10
+    print(f"{'experiment':<{width}}  description")
+    for name in names:
+        description = exps.raw(name).get("description", "")
+        print(f"{name:<{width}}  {description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        exps = Experiments.load(args.experiments)
+        if args.list:
+            list_experiments(exps)
+            return 0
+        if not args.exp:
+            raise ConfigError("name an experiment with --exp NAME (see --list)")
+        cfg = exps.resolve(args.exp, args.overrides)
+        return _submit(cfg, args)
+    except (ConfigError, ValueError) as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _submit(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from slurm.executors import resolve_mode
+
+    mode = "slurm" if args.dry_run and args.cluster == "slurm" else (
+        args.cluster if args.dry_run and args.cluster != "auto" else resolve_mode(args.cluster))
+    _check_ranks(cfg, mode)
+    if args.dry_run:
+        _dry_run(cfg, mode)
+        return 0
+    _check_data(cfg)
+    config_path = _write_config(cfg, args.force)
+    from slurm.chain import StageFailed, submit_chain
+
+    print(f"submit: {cfg.name} -> {cfg.run_dir} ({mode})")
+    started = time.time()
+    try:
+        submitted = submit_chain(cfg, mode, config_path, wait=args.wait)
+    except StageFailed as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 1
+    if mode == "slurm" and not args.wait and submitted:
+        print(f"submit: {len(submitted)} job(s) queued; follow them with `python launch/status.py --exp {cfg.name}`")
+        return 0
+    _summary(cfg, time.time() - started)
+    return 0
+
+
+def _check_ranks(cfg: ExperimentConfig, mode: str) -> None:
+    from slurm.executors import stage_shape
+
+    if "train" not in cfg.stages:
+        return
+    ranks = stage_shape(cfg, "train", mode).ranks
+    if cfg.data.batch_size % ranks:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) does not divide over the {ranks} training ranks "
+                          f"of this job shape ({mode}); choose a multiple of {ranks}.")
+    if cfg.data.sampler == "pk" and (cfg.data.batch_size // ranks) < 1:
+        raise ConfigError("data.batch_size is smaller than the number of ranks")
+
+
+def _needed_splits(cfg: ExperimentConfig) -> list[str]:
+    from imret.extract import splits_to_extract
+
+    splits = list(cfg.data.train_splits) if "train" in cfg.stages else []
+    if "extract" in cfg.stages:
+        splits += splits_to_extract(cfg)
+    if "cluster" in cfg.stages and cfg.cluster.split:
+        splits.append(cfg.cluster.split)
+    return list(dict.fromkeys(splits))
+
+
+def _check_data(cfg: ExperimentConfig) -> None:
+    from imret.data.shards import read_manifest
+
+    for split in _needed_splits(cfg):
+        read_manifest(cfg.data.root, split)  # raises ShardError (a ValueError) naming the fix
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _write_config(cfg: ExperimentConfig, force: bool) -> Path:
+    import yaml
+
+    from imret.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    if run.config.exists():
+        old = yaml.safe_load(run.config.read_text())
+        changes = _diff(old, cfg.to_dict())
+        if changes and not force:
+            raise ConfigError(
+                f"{run.config} holds a different config for this run ({len(changes)} change(s): "
+                f"{'; '.join(changes[:5])}). Finished stages were computed with the old one. Start a separate run "
+                f"with --set run.name=<new name>, or pass --force to replace the config and keep the finished stages."
+            )
+        if changes:
+            backup = run.config.with_name(f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+            run.config.replace(backup)
+            print(f"submit: --force: the previous config is kept as {backup}")
+    save_yaml(cfg, run.config)
+    return run.config
+
+
+def _dry_run(cfg: ExperimentConfig, mode: str) -> None:
+    from imret.pipeline import pending
+    from imret.rundir import RunDir
+    from slurm.executors import sbatch_preview, stage_shape
+
+    done, todo = pending(cfg)
+    run = RunDir(cfg.run_dir)
+    print(f"experiment {cfg.name}: {cfg.description}")
+    print(f"run directory {cfg.run_dir} (config digest {cfg.digest()}), cluster: {mode}")
+    loss = " + ".join(f"{t.weight:g}*{t.name}{t.params or ''}" for t in cfg.loss.terms)
+    print(f"model {cfg.model.backbone} pool={cfg.model.pool} embed_dim={cfg.model.embed_dim}; loss {loss}; "
+          f"optim {cfg.optim.name} lr={cfg.optim.lr:g} head_lr_mult={cfg.optim.head_lr_mult:g}; "
+          f"batch {cfg.data.batch_size} ({cfg.data.sampler}, K={cfg.data.samples_per_class}); epochs {cfg.train.epochs}")
+    previous = None
+    for stage in done + todo:
+        state = "done, skipped" if stage in done else "to run"
+        shape = stage_shape(cfg, stage.name, mode)
+        print(f"\nstage {stage.name} [{state}]: {shape.nodes} node(s) x {shape.tasks_per_node} task(s)"
+              f"{f', {shape.gpus_per_node} GPU(s) per node' if shape.gpus_per_node else ''} = {shape.ranks} rank(s)")
+        if mode == "slurm" and stage in todo:
+            dependency = f"afterok:<{previous} job id>" if previous else None
+            print(sbatch_preview(cfg, stage.name, run.jobs / "%j", dependency))
+            previous = stage.name
+    print("\ndry run: nothing submitted")
+
+
+def _summary(cfg: ExperimentConfig, seconds: float) -> None:
+    from imret.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    print(f"\nsubmit: {cfg.name} finished in {seconds:.0f} s")
+    print(f"  run directory  {run.root}")
+    if run.results.exists():
+        results = json.loads(run.results.read_text())
+        print(f"  results        {run.results}")
+        shown = [k for k in HEADLINE if k in results][:4]
+        print("  " + "  ".join(f"{k} {results[k]:.4f}" for k in shown))
+    print(f"  TensorBoard    tensorboard --logdir {run.tb}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

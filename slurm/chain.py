@@ -1,0 +1,120 @@
+"""Submitting an experiment's missing stages as a chain of jobs.
+
+On SLURM every missing stage is submitted at once, each depending on the one before
+(``afterok``), and the submitting command returns. Locally (submitit's local
+executor) the stages run one after another while this process waits, showing the
+rank-0 log as it grows. Every submission is recorded in ``jobs/submissions.json``
+for ``launch/status.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from imret.config import ExperimentConfig
+from imret.pipeline import Stage, pending
+from imret.rundir import RunDir, atomic_write_json
+from slurm.executors import make_executor
+from slurm.jobs import StageJob
+
+
+class StageFailed(RuntimeError):
+    """A stage's job failed; the message names the stage and its log."""
+
+
+@dataclass
+class Submitted:
+    stage: str
+    job_id: str
+    mode: str
+    ranks: int
+    stdout: str
+    stderr: str
+    submitted: str
+
+
+def record(run: RunDir, entry: Submitted) -> None:
+    path = run.jobs / "submissions.json"
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append(asdict(entry))
+    atomic_write_json(path, entries)
+
+
+def submit_stage(cfg: ExperimentConfig, stage: Stage, mode: str, config_path: Path,
+                 dependency: str | None = None) -> tuple[submitit.Job[Any], Submitted]:
+    run = RunDir(cfg.run_dir)
+    executor, shape = make_executor(cfg, stage.name, mode, run.jobs / "%j", dependency)
+    job = executor.submit(StageJob(str(config_path.resolve()), stage.name, one_gpu_per_rank=stage.all_ranks))
+    entry = Submitted(stage.name, str(job.job_id), mode, shape.ranks, str(job.paths.stdout), str(job.paths.stderr),
+                      time.strftime("%Y-%m-%d %H:%M:%S"))
+    record(run, entry)
+    return job, entry
+
+
+def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool = False) -> list[Submitted]:
+    """Submit every stage that is not done yet; wait for each when running locally (or ``wait``)."""
+    done, todo = pending(cfg)
+    for stage in done:
+        print(f"{stage.name}: already done ({RunDir(cfg.run_dir).marker(stage.name)}), skipped")
+    submitted: list[Submitted] = []
+    previous: submitit.Job[Any] | None = None
+    for stage in todo:
+        dependency = f"afterok:{previous.job_id}" if (mode == "slurm" and previous is not None) else None
+        job, entry = submit_stage(cfg, stage, mode, config_path, dependency)
+        submitted.append(entry)
+        print(f"{stage.name}: submitted job {entry.job_id} ({mode}, {entry.ranks} rank(s))"
+              + (f", after {previous.job_id}" if dependency and previous is not None else ""), flush=True)
+        if mode != "slurm" or wait:
+            wait_for(job, entry)
+        previous = job
+    return submitted
+
+
+def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0) -> None:
+    """Block until the job ends, echoing its rank-0 output; raise StageFailed on failure."""
+    follower = _LogFollower(Path(entry.stdout))
+    while not job.done():
+        follower.echo()
+        time.sleep(poll_s)
+    follower.echo()
+    try:
+        job.results()
+    except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the log tail
+        raise StageFailed(
+            f"stage '{entry.stage}' failed (job {entry.job_id}). Its log: {entry.stderr}\n"
+            f"{_tail(Path(entry.stderr))}\n{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return "(no log was written)"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+class _LogFollower:
+    """Prints new lines of a growing log file, skipping submitit's own bookkeeping lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def echo(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, errors="replace") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        for line in chunk.splitlines():
+            if line.startswith("submitit ") or not line.strip():
+                continue
+            print("    " + line, flush=True)
+        sys.stdout.flush()

@@ -1,0 +1,114 @@
+"""Turning a stage's resources into a submitit executor: SLURM, local processes, or in-process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from imret.config import ExperimentConfig, ResourcesConfig, stage_resources, tasks_per_node
+from imret.pipeline import STAGES
+
+MODES = ("auto", "slurm", "local", "debug")
+
+
+def slurm_available() -> bool:
+    """SLURM is usable when sbatch is on PATH and the controller answers."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+def resolve_mode(mode: str) -> str:
+    if mode == "auto":
+        return "slurm" if slurm_available() else "local"
+    if mode == "slurm" and not slurm_available():
+        raise ValueError("--cluster slurm: no SLURM controller answers (`scontrol ping` failed or sbatch is not on "
+                         "PATH). Start one with `slurm/local_cluster.sh up`, or use --cluster local.")
+    return mode
+
+
+@dataclass
+class Shape:
+    """How many processes a stage runs as, and where."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def stage_shape(cfg: ExperimentConfig, stage: str, mode: str) -> Shape:
+    res = stage_resources(cfg, stage)
+    explicit = cfg.resources.stages.get(stage)
+    if not STAGES[stage].all_ranks and not (explicit and (explicit.nodes or explicit.tasks_per_node)):
+        return Shape(1, 1, res.gpus_per_node)  # one process that sees all GPUs of its node
+    if mode in ("local", "debug"):
+        ranks = 1 if mode == "debug" else res.local_ranks
+        return Shape(1, ranks, 0)
+    return Shape(res.nodes, tasks_per_node(res), res.gpus_per_node)
+
+
+def slurm_parameters(res: ResourcesConfig, shape: Shape, name: str) -> dict[str, Any]:
+    """The AutoExecutor parameters of a SLURM job of this shape."""
+    params: dict[str, Any] = {
+        "name": name, "nodes": shape.nodes, "tasks_per_node": shape.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "timeout_min": res.time_min,
+        "slurm_signal_delay_s": res.signal_delay_s,
+    }
+    if shape.gpus_per_node:
+        params["gpus_per_node"] = shape.gpus_per_node
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(res, key):
+            params[f"slurm_{key}"] = getattr(res, key)
+    return params
+
+
+def make_executor(cfg: ExperimentConfig, stage: str, mode: str, folder: Path,
+                  dependency: str | None = None) -> tuple[submitit.AutoExecutor, Shape]:
+    shape = stage_shape(cfg, stage, mode)
+    res = stage_resources(cfg, stage)
+    requeues = {f"{mode}_max_num_timeout": res.max_requeues} if mode in ("slurm", "local") else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=mode, **requeues)
+    name = f"{cfg.name}:{stage}"
+    if mode == "slurm":
+        params = slurm_parameters(res, shape, name)
+        if dependency:
+            params["slurm_dependency"] = dependency
+        executor.update_parameters(**params)
+    elif mode == "local":
+        executor.update_parameters(name=name, tasks_per_node=shape.tasks_per_node, nodes=1,
+                                   timeout_min=res.time_min, gpus_per_node=0)
+    return executor, shape
+
+
+def sbatch_preview(cfg: ExperimentConfig, stage: str, folder: Path, dependency: str | None = None) -> str:
+    """The sbatch script submitit would write for this stage (without submitting anything)."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    shape = stage_shape(cfg, stage, "slurm")
+    params = slurm_parameters(stage_resources(cfg, stage), shape, f"{cfg.name}:{stage}")
+    executor = submitit.SlurmExecutor(folder=folder)
+    converted = {k.removeprefix("slurm_"): v for k, v in params.items()}
+    converted = {{"timeout_min": "time", "tasks_per_node": "ntasks_per_node", "name": "job_name"}.get(k, k): v
+                 for k, v in converted.items()}
+    if "mem_gb" in converted:
+        converted["mem"] = f"{converted.pop('mem_gb')}GB"
+    if dependency:
+        converted["dependency"] = dependency
+    executor.update_parameters(**converted)
+    return submitit_slurm._make_sbatch_string(command="<python -u -m submitit.core._submit ...>", folder=folder,
+                                              **executor.parameters)
