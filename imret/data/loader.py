@@ -1,0 +1,150 @@
+"""Datasets and DataLoaders over shard splits: P x K training batches, exact-once extraction."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from imret.config import ExperimentConfig
+from imret.data.labels import apply_sidecar, load_sidecar
+from imret.data.sampler import BatchPlan, RankBatches
+from imret.data.shards import ShardError, ShardSplit, image_bytes
+from imret.data.transforms import eval_transform, train_transform
+from imret.distributed import DistInfo
+
+
+class MultiSplit:
+    """Several splits read as one index space (e.g. labelled + pseudo-labelled data)."""
+
+    def __init__(self, splits: Sequence[ShardSplit]) -> None:
+        self.splits = list(splits)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.splits])
+        self.keys = np.concatenate([s.keys for s in self.splits])
+        self.labels = np.concatenate([s.labels for s in self.splits])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[ShardSplit, int]:
+        j = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.splits[j], i - int(self.offsets[j])
+
+
+def decode_image(split: ShardSplit, i: int) -> Image.Image:
+    sample = split.read(i)
+    ref = split.ref(i)
+    try:
+        with Image.open(io.BytesIO(image_bytes(sample, ref))) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError) as err:
+        raise ShardError(f"shard {ref.shard}: the image of sample {ref.key} cannot be decoded: {err}") from err
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed python's and torch's RNGs (what timm's transforms draw from) for one sample."""
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+
+
+class TrainSet(Dataset):
+    """Items are ``(index, augmentation seed)``; returns ``(image, label, index)``."""
+
+    def __init__(self, data: MultiSplit, labels: np.ndarray, transform: Callable) -> None:
+        self.data, self.labels, self.transform = data, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, aug_seed = item
+        split, local = self.data.locate(index)
+        image = decode_image(split, local)
+        with seeded(aug_seed):
+            tensor = self.transform(image)
+        return tensor, int(self.labels[index]), index
+
+
+class EvalSet(Dataset):
+    """Returns ``(image, label, index)`` with the deterministic evaluation transform."""
+
+    def __init__(self, split: ShardSplit, transform: Callable) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.transform(decode_image(self.split, index)), int(self.split.labels[index]), index
+
+
+class TrainData:
+    """Everything the trainer needs from the data: a loader, its sampler and label facts."""
+
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo) -> None:
+        d = cfg.data
+        self.source = MultiSplit([ShardSplit(d.root, s) for s in d.train_splits])
+        labels = self.source.labels
+        if d.pseudo_labels:
+            labels = apply_sidecar(self.source.keys, labels, load_sidecar(d.pseudo_labels))
+        self.labels = labels
+        self.num_classes = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        self.plan = BatchPlan(
+            labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
+            samples_per_class=d.samples_per_class, seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch,
+            small_classes=d.small_classes, max_per_class=d.max_per_class,
+        )
+        self.sampler = RankBatches(self.plan, info.rank, info.world_size)
+        dataset = TrainSet(self.source, labels, train_transform(d, cfg.model.backbone))
+        self.loader = DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
+            persistent_workers=d.num_workers > 0, pin_memory=info.backend == "nccl",
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> DataLoader:
+        self.sampler.set_position(epoch, start_step)
+        return self.loader
+
+
+class RangeSampler(Sampler[int]):
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+
+def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, disjoint, covering parts of ``range(n)``: sizes differ by at most one."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def extraction_loader(cfg: ExperimentConfig, split: ShardSplit, rank: int, world_size: int) -> DataLoader:
+    """This rank's part of ``split``, each sample exactly once, in order (workers keep batch order)."""
+    start, stop = rank_range(len(split), rank, world_size)
+    dataset = EvalSet(split, eval_transform(cfg.data, cfg.model.backbone))
+    return DataLoader(dataset, batch_size=cfg.extract.batch_size, sampler=RangeSampler(start, stop),
+                      num_workers=cfg.extract.num_workers)
+
+
