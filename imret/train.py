@@ -21,9 +21,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imret import checkpoint as ckpt_lib
+from imret import stopping
 from imret.config import ExperimentConfig, OptimConfig, ScheduleConfig
 from imret.data.loader import TrainData
-from imret.distributed import DistInfo, gather_with_grad
+from imret.distributed import DistInfo, barrier, gather_with_grad
 from imret.losses import Criterion, build_criterion
 from imret.models import build_model
 from imret.models.embedding import EmbeddingNet
@@ -113,7 +114,8 @@ class Training:
         self.model = build_model(cfg.model)
         if cfg.train.init_from:
             load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
-        self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes)
+        self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes,
+                                         self.data.labelled_classes)
         self.model.to(self.device)
         self.criterion.to(self.device)
         if self.on_gpu and cfg.train.channels_last:
@@ -198,7 +200,8 @@ def run(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str, Any]:
               f"(global step {pos.global_step})", flush=True)
     board = make_board(info, run.tb)
     try:
-        last_loss = _loop(training, board)
+        with stopping.cooperating():
+            last_loss = _loop(training, board)
     finally:
         board.close()
     return {"global_step": training.position.global_step, "final_loss": last_loss}
@@ -224,9 +227,23 @@ def _loop(training: Training, board: Board) -> float:
             training.save(epoch_end=True)
         elif cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
             training.save(epoch_end=False)
+        if stopping.agreed(info):
+            _stop_here(training)
     if cfg.train.max_steps and pos.step:  # stopped mid-epoch by max_steps: keep that state too
         training.save(epoch_end=False)
     return loss_value
+
+
+def _stop_here(training: Training) -> None:
+    """Save where we stand (a safe point: the step is complete) and stop for a requeue."""
+    pos = training.position
+    if pos.step:  # an epoch end was saved just above
+        training.save(epoch_end=False)
+    barrier(training.info)
+    if training.info.is_main:
+        print(f"train: stop requested; saved at global step {pos.global_step} (epoch {pos.epoch + 1}, "
+              f"step {pos.step}) for a requeue", flush=True)
+    raise stopping.StopRequested(f"stopped at global step {pos.global_step}")
 
 
 def _step(training: Training, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,

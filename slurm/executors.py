@@ -66,6 +66,8 @@ def slurm_parameters(res: ResourcesConfig, shape: Shape, name: str) -> dict[str,
         "name": name, "nodes": shape.nodes, "tasks_per_node": shape.tasks_per_node,
         "cpus_per_task": res.cpus_per_task, "timeout_min": res.time_min,
         "slurm_signal_delay_s": res.signal_delay_s,
+        # a rank that fails ends the whole job step, so a hung peer cannot keep the allocation
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if shape.gpus_per_node:
         params["gpus_per_node"] = shape.gpus_per_node

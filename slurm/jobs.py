@@ -3,13 +3,25 @@
 A ``StageJob`` is a small picklable object: the path of the run's resolved
 config.yaml and a stage name. ``__call__`` imports the library late (the submitting
 process stays light), exports torch.distributed's variables from submitit's job
-environment, and runs the stage on this rank. ``checkpoint`` is submitit's
-preemption / time-out hook: it returns the same job as a ``DelayedSubmission``, so
-submitit requeues it and the stage resumes from its last checkpoint.
+environment, and runs the stage on this rank.
+
+Preemption and time-outs: submitit sends USR2 and, on rank 0, calls ``checkpoint``
+and requeues the job. A signal can land in the middle of a training step, where
+saving would store a half-updated model, so while a stage can stop cooperatively
+(training) the signal only records a stop request (``imret.stopping``). The trainer
+finishes its step, the ranks agree, rank 0 saves, and only then is submitit's own
+handler run: ``checkpoint`` returns this job as a ``DelayedSubmission``, submitit
+requeues it, and the requeued job resumes from the checkpoint just written. Stages
+that cannot stop cooperatively get submitit's handler at once (their finished parts
+are kept on disk and skipped when the job runs again).
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
+from types import FrameType
 from typing import Any
 
 import submitit
@@ -23,16 +35,50 @@ class StageJob:
 
     def __call__(self) -> dict[str, Any]:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.one_gpu_per_rank)
+        from imret import stopping
         from imret.config import load_yaml
         from imret.pipeline import run_stage
 
+        submitit_handler = _defer_preemption_signal()
         cfg = load_yaml(self.config_path)
-        return run_stage(cfg, self.stage)
+        try:
+            return run_stage(cfg, self.stage)
+        except stopping.StopRequested:
+            _requeue(submitit_handler)
+            raise AssertionError("unreachable: the job exits for its requeue")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # Nothing to save here: training checkpoints itself every train.checkpoint_every steps
-        # and at every epoch end, and resumes from the newest one when the job restarts.
+        # By the time submitit calls this, the trainer has saved its state at a safe point (see
+        # the module docstring); the requeued job resumes from the newest checkpoint.
         return submitit.helpers.DelayedSubmission(StageJob(self.config_path, self.stage, self.one_gpu_per_rank))
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage}, {self.config_path})"
+
+
+def _defer_preemption_signal() -> Any:
+    """Route the preemption signal to a stop request while a stage cooperates; return submitit's handler."""
+    from imret import stopping
+
+    signum = submitit.JobEnvironment._usr_sig()
+    submitit_handler = signal.getsignal(signum)
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if stopping.is_cooperating():
+            print(f"imret: received {signal.Signals(sig).name}; stopping at the next safe point", flush=True)
+            stopping.request()
+        elif callable(submitit_handler):
+            submitit_handler(sig, frame)
+
+    signal.signal(signum, on_signal)
+    return submitit_handler
+
+
+def _requeue(submitit_handler: Any) -> None:
+    """After a cooperative stop: rank 0 lets submitit checkpoint and requeue; the others leave."""
+    rank = submitit.JobEnvironment().global_rank
+    if rank == 0 and callable(submitit_handler):
+        submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # calls checkpoint(), requeues, exits
+    # Other ranks: rank 0 is requeuing the whole job, which ends every task; leave quietly.
+    time.sleep(1.0)
+    sys.exit(-1)

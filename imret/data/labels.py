@@ -33,6 +33,14 @@ def save_sidecar(path: str | Path, keys: np.ndarray, labels: np.ndarray, mask: n
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def resolve_sidecar(source: str, runs_root: str | Path) -> Path:
+    """``data.pseudo_labels``: an .npz path, or the name of a run whose cluster stage wrote one."""
+    path = Path(source)
+    if path.suffix == ".npz" or path.exists():
+        return path
+    return Path(runs_root) / source / "cluster" / "labels.npz"
+
+
 def load_sidecar(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():

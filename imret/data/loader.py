@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imret.config import ExperimentConfig
-from imret.data.labels import apply_sidecar, load_sidecar
+from imret.data.labels import LABELLED, apply_sidecar, load_sidecar, resolve_sidecar
 from imret.data.sampler import BatchPlan, RankBatches
 from imret.data.shards import ShardError, ShardSplit, image_bytes
 from imret.data.transforms import eval_transform, train_transform
@@ -99,10 +99,15 @@ class TrainData:
         d = cfg.data
         self.source = MultiSplit([ShardSplit(d.root, s) for s in d.train_splits])
         labels = self.source.labels
+        self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+        self.labelled_classes = self.num_classes  # classes with real labels (the rest are pseudo-classes)
         if d.pseudo_labels:
-            labels = apply_sidecar(self.source.keys, labels, load_sidecar(d.pseudo_labels))
+            sidecar = load_sidecar(resolve_sidecar(d.pseudo_labels, cfg.run.root))
+            labels = apply_sidecar(self.source.keys, labels, sidecar)
+            real = sidecar["labels"][sidecar["mask"] == LABELLED]
+            self.labelled_classes = int(real.max()) + 1 if len(real) else 0
+            self.num_classes = int(labels.max()) + 1 if (labels >= 0).any() else 0
         self.labels = labels
-        self.num_classes = int(labels.max()) + 1 if (labels >= 0).any() else 0
         self.plan = BatchPlan(
             labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
             samples_per_class=d.samples_per_class, seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch,
