@@ -115,3 +115,59 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tiny_data, tmp_path):
     assert checkpoint.find(RunDir(cfg.run_dir), "epoch-1").name == "step-00000005"
     with pytest.raises(ValueError, match="no checkpoint 'epoch-7'.*available: step-5 \\(epoch-1\\)"):
         checkpoint.find(RunDir(cfg.run_dir), "epoch-7")
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("constant", {}, [1, 1, 1, 1]),
+    ("step", {"step_size": 2, "gamma": 0.5}, [1, 1, 0.5, 0.5]),
+    ("multistep", {"milestones": [1, 3], "gamma": 0.1}, [1, 0.1, 0.1, 0.01]),
+    ("exponential", {"gamma": 0.9}, [1, 0.9, 0.81, 0.729]),
+    ("cosine", {"min_lr": 0.0}, [1, 0.853553, 0.5, 0.146447]),
+])
+def test_schedules(name, kwargs, expected):
+    from imret.config import ScheduleConfig
+    from imret.train import lr_factor
+
+    sched = ScheduleConfig(name=name, **kwargs)
+    assert [lr_factor(sched, e, 4, 1.0) for e in range(4)] == pytest.approx(expected, abs=1e-6)
+    warm = ScheduleConfig(name=name, warmup_epochs=2.0, **kwargs)
+    assert lr_factor(warm, 0.5, 4, 1.0) == pytest.approx(0.25 * lr_factor(sched, 0.5, 4, 1.0))
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data, tmp_path):
+    from imret import train
+
+    cfg = tiny_config(tiny_data, tmp_path, "acc", optim__accumulate=2, train__epochs=1, optim__name="sgd")
+    train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+    state = checkpoint.load_state(checkpoint.Checkpointer(RunDir(cfg.run_dir).ckpt).latest())
+    assert state["position"]["global_step"] == 5  # batches
+    assert state["scheduler"]["last_epoch"] == 2  # optimizer steps: after batches 2 and 4
+
+
+def test_gradient_clipping_bounds_the_update(tiny_data, tmp_path):
+    from imret import train
+
+    cfg = tiny_config(tiny_data, tmp_path, "clip", optim__name="sgd", optim__lr=1.0, optim__momentum=0.0,
+                      optim__weight_decay=0.0, optim__grad_clip=1e-3, optim__head_lr_mult=1.0,
+                      schedule__name="constant", schedule__warmup_epochs=0.0, train__max_steps=1)
+    train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+    after = final_weights(cfg)
+    before = initial(cfg)
+    change = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in before
+                            if before[k].is_floating_point() and "running" not in k))
+    assert 0 < change.item() <= 1e-3 * 1.0001  # one SGD step of lr 1 on a gradient clipped to norm 1e-3
+
+
+def test_init_from_another_run(tiny_data, tmp_path):
+    from imret import train
+
+    first = tiny_config(tiny_data, tmp_path, "iter0", train__epochs=1)
+    train.run(first, RunDir(first.run_dir), DistInfo())
+    second = tiny_config(tiny_data, tmp_path, "iter1", train__epochs=1, train__init_from="iter0",
+                         train__max_steps=0)
+    training = train.Training(second, RunDir(second.run_dir), DistInfo())
+    for key, value in final_weights(first).items():
+        assert torch.equal(training.model.state_dict()[key], value)
+    with pytest.raises(ValueError, match="not a run, a checkpoint directory or a weights file"):
+        train.Training(tiny_config(tiny_data, tmp_path, "x", train__init_from="nope"),
+                       RunDir(tmp_path / "x"), DistInfo())

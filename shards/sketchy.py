@@ -1,0 +1,149 @@
+"""The Sketchy database, rendered layout: ``photo/tx_000000000000/<category>/<photo_id>.jpg``
+and ``sketch/tx_000000000000/<category>/<photo_id>-<n>.png`` (the ``tx_...`` level, which
+names the augmentation, may be absent; ``--variant`` picks another one).
+
+Splits ``train`` and ``test``, each holding both modalities: the PHOTOS of each category
+are split, and every sketch follows the photo it was drawn from. The test photos are
+
+- ``--test-list FILE``: the photo ids listed, one per line (``n02691156_10151``; a
+  ``<category>/`` prefix and an extension are allowed), or else
+- per category, ``--test-ratio`` (default 0.1) of its photos, rounded as in
+  ``shards.common.split_counts`` (at least one on each side when a category has two
+  photos), chosen by ``--seed`` through ``shards.common.seeded_order`` of the photo ids.
+
+Labels are the categories in sorted order (class names are the category folders), the
+same in both splits. Samples come per category: its photos (by id), then its sketches
+(by photo id, then n). Keys are the paths without the ``tx_...`` level and extension
+(``photo/airplane/n02691156_10151``, ``sketch/airplane/n02691156_10151-1``). Each
+sample's json has ``path`` (from --src, with the ``tx_...`` level), ``modality``
+(``photo``/``sketch``), ``category``, ``photo_id`` (for a sketch: the photo it was drawn
+from) and, for sketches, ``sketch_index`` (the n of ``-<n>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shards.common import (check_unique_keys, key_from_path, read_lines, require_file, require_src, resolve_against,
+                           seeded_split)
+from shards.images import ImageItem, encode_image
+from shards.writer import SplitSource
+
+NAME = "sketchy"
+VERSION = 1
+VARIANT = "tx_000000000000"
+SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sketchy")
+    group.add_argument("--test-ratio", type=float, default=0.1, help="fraction of each category's photos in test")
+    group.add_argument("--seed", type=int, default=0, help="seed of the photo split (default 0)")
+    group.add_argument("--test-list", default=None, metavar="FILE", help="photo ids of the test split, one per line")
+    group.add_argument("--variant", default=VARIANT, help=f"the rendered augmentation folder (default {VARIANT})")
+
+
+def modality_root(src: Path, modality: str, variant: str) -> Path:
+    base = src / modality
+    if not base.is_dir():
+        raise FileNotFoundError(f"Sketchy folder {base} not found (expected {modality}/{variant}/<category>/...)")
+    if (base / variant).is_dir():
+        return base / variant
+    others = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.startswith("tx_"))
+    if others:
+        raise FileNotFoundError(f"{base / variant} not found; {base} has {', '.join(others)}: pick one with --variant")
+    return base
+
+
+def images_in(root: Path) -> list[tuple[str, str]]:
+    """(category, file name) of the image files in ``root/<category>/``, sorted."""
+    found = []
+    for category in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += [(category.name, f.name) for f in sorted(category.iterdir())
+                  if f.suffix.lower() in SUFFIXES and not f.name.startswith(".")]
+    return found
+
+
+def photo_of_sketch(name: str, where: Path) -> tuple[str, int]:
+    photo_id, sep, n = PurePosixPath(name).stem.rpartition("-")
+    if not sep or not n.isdigit():
+        raise ValueError(f"sketch {where / name}: the name should be <photo_id>-<n>.png")
+    return photo_id, int(n)
+
+
+def test_photos(args: Any, src: Path, photos: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """The (category, photo id) pairs of the test split."""
+    if getattr(args, "test_list", None):
+        return listed_photos(resolve_against(src, args.test_list), photos)
+    ratio = Fraction(str(getattr(args, "test_ratio", 0.1)))
+    if not 0 <= ratio < 1:
+        raise ValueError("--test-ratio must be in [0, 1)")
+    seed = getattr(args, "seed", 0)
+    return {(c, p) for c, ids in photos.items() for p in seeded_split(ids, [1 - ratio, ratio], seed)[1]}
+
+
+def listed_photos(path: Path, photos: dict[str, list[str]]) -> set[tuple[str, str]]:
+    where = {p: c for c, ids in photos.items() for p in ids}
+    chosen, unknown = set(), []
+    for _, line in read_lines(require_file(path, "--test-list file")):
+        entry = PurePosixPath(line.split()[0])
+        photo_id = entry.stem if entry.suffix.lower() in SUFFIXES else entry.name
+        category = entry.parent.name or where.get(photo_id)
+        if category is None or photo_id not in photos.get(category, ()):
+            unknown.append(line)
+        else:
+            chosen.add((category, photo_id))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} photo ids are not among the photos, e.g. {', '.join(unknown[:3])}")
+    return chosen
+
+
+def sample_rows(photo_files: list[tuple[str, str]], sketch_files: list[tuple[str, str]], sketch_root: Path,
+                categories: list[str]) -> list[tuple[str, str, str, str, int | None]]:
+    """(modality, category, file name, photo id, sketch n) per image, in sample order."""
+    photos = {(c, PurePosixPath(n).stem) for c, n in photo_files}
+    rows: list[tuple[str, str, str, str, int | None]] = [("photo", c, n, PurePosixPath(n).stem, None)
+                                                         for c, n in photo_files]
+    orphans = []
+    for category, name in sketch_files:
+        photo_id, index = photo_of_sketch(name, sketch_root / category)
+        if (category, photo_id) not in photos:
+            orphans.append(f"{category}/{name}")
+        rows.append(("sketch", category, name, photo_id, index))
+    if orphans:
+        raise ValueError(f"{len(orphans)} sketches have no photo to follow into a split, e.g. {', '.join(orphans[:3])}")
+    order = {c: i for i, c in enumerate(categories)}
+    return sorted(rows, key=lambda r: (order[r[1]], r[0] != "photo", r[3], r[4] or 0, r[2]))
+
+
+def sources(args: Any) -> list[SplitSource]:
+    src = require_src(args, "Sketchy (photo/ and sketch/)")
+    variant = getattr(args, "variant", VARIANT)
+    roots = {m: modality_root(src, m, variant) for m in ("photo", "sketch")}
+    photo_files, sketch_files = images_in(roots["photo"]), images_in(roots["sketch"])
+    photos: dict[str, list[str]] = {}
+    for category, name in photo_files:
+        photos.setdefault(category, []).append(PurePosixPath(name).stem)
+    test = test_photos(args, src, photos)
+    categories = sorted(set(photos) | {c for c, _ in sketch_files})
+    label = {c: i for i, c in enumerate(categories)}
+    splits: dict[str, list[ImageItem]] = {"train": [], "test": []}
+    rows = sample_rows(photo_files, sketch_files, roots["sketch"], categories)
+    for modality, category, name, photo_id, index in rows:
+        path = roots[modality] / category / name
+        meta = {"path": path.relative_to(src).as_posix(), "modality": modality, "category": category,
+                "photo_id": photo_id, **({"sketch_index": index} if index is not None else {})}
+        item = ImageItem(str(path), key_from_path(f"{modality}/{category}/{name}"), label[category], meta)
+        splits["test" if (category, photo_id) in test else "train"].append(item)
+    for name, items in splits.items():
+        check_unique_keys(name, (i.key for i in items), (i.meta["path"] for i in items))
+    test_list = getattr(args, "test_list", None)
+    info = {"source": str(src.resolve()), "image_format": "jpg photos, png sketches (original bytes)",
+            "variant": variant if roots["photo"].name == variant else None,
+            "test_list": str(resolve_against(src, test_list).resolve()) if test_list else None,
+            "test_ratio": None if test_list else getattr(args, "test_ratio", 0.1),
+            "seed": None if test_list else getattr(args, "seed", 0)}
+    return [SplitSource(name, categories, items, encode_image, info) for name, items in splits.items()]
