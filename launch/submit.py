@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="on SLURM, wait for the chain and show the results")
     p.add_argument("--force", action="store_true",
                    help="accept a config that differs from the one already in the run directory (the old one is kept)")
+    p.add_argument("--only", nargs="+", default=[], metavar="POINT",
+                   help="for a sweep: run only these points (names as --dry-run lists them)")
     p.add_argument("--experiments", type=Path, default=ROOT / "experiments.yaml", help="experiments file")
     return p
 
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.exp:
             raise ConfigError("name an experiment with --exp NAME (see --list)")
         cfg = exps.resolve(args.exp, args.overrides)
+        if cfg.sweep.grid or cfg.sweep.points:
+            return _submit_sweep(cfg, exps, args)
+        if args.only:
+            raise ConfigError(f"--only selects sweep points, but '{args.exp}' has no sweep")
         return _submit(cfg, args)
     except (ConfigError, ValueError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
@@ -91,6 +97,64 @@ def _submit(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         return 0
     _summary(cfg, time.time() - started)
     return 0
+
+
+def _sweep_configs(cfg: ExperimentConfig, exps: Experiments, args: argparse.Namespace) -> list[ExperimentConfig]:
+    from imret.sweep import expand, select
+
+    base = cfg.run.name or cfg.name
+    points = select(expand(cfg.sweep), args.only)
+    return [exps.resolve(args.exp, [*args.overrides, *p.overrides, f"run.name={base}/{p.name}", "sweep={}"])
+            for p in points]
+
+
+def _submit_sweep(cfg: ExperimentConfig, exps: Experiments, args: argparse.Namespace) -> int:
+    from slurm.executors import resolve_mode, stage_shape
+
+    configs = _sweep_configs(cfg, exps, args)
+    mode = args.cluster if args.dry_run and args.cluster != "auto" else resolve_mode(args.cluster)
+    for point in configs:
+        _check_ranks(point, mode)
+    shapes = {tuple(vars(stage_shape(c, s, mode)).values()) for c in configs for s in c.stages if s == c.stages[0]}
+    if mode == "slurm" and len(shapes) > 1:
+        raise ConfigError("the points of a sweep must share their job shape (one SLURM array per stage); "
+                          "move resource changes out of the sweep")
+    if args.dry_run:
+        print(f"sweep {cfg.name}: {len(configs)} point(s), one {mode} array per stage "
+              f"(at most {cfg.sweep.array_parallelism} running at once)")
+        for point in configs:
+            print(f"  {point.run_dir}")
+        _dry_run(configs[0], mode)
+        return 0
+    for point in configs:
+        _check_data(point)
+    paths = [_write_config(point, args.force) for point in configs]
+    print(f"submit: sweep {cfg.name}: {len(configs)} point(s) -> {Path(cfg.run.root) / (cfg.run.name or cfg.name)} ({mode})")
+    if mode == "slurm":
+        from slurm.chain import submit_sweep
+
+        log_dir = Path(cfg.run.root) / (cfg.run.name or cfg.name) / "jobs"
+        submitted = submit_sweep(list(zip(configs, paths)), mode, log_dir, cfg.sweep.array_parallelism)
+        print(f"submit: {len(submitted)} array task(s) queued; follow them with "
+              f"`python launch/status.py --exp {cfg.name}`")
+        return 0
+    return _run_points_locally(configs, paths, mode)
+
+
+def _run_points_locally(configs: list[ExperimentConfig], paths: list[Path], mode: str) -> int:
+    from slurm.chain import StageFailed, submit_chain
+
+    failed = []
+    for point, path in zip(configs, paths):
+        print(f"\n== {point.run_dir}")
+        try:
+            submit_chain(point, mode, path)
+        except StageFailed as err:  # the other points still run: one failure hides nothing
+            print(f"submit: {err}", file=sys.stderr)
+            failed.append(str(point.run_dir))
+    print(f"\nsubmit: sweep done: {len(configs) - len(failed)} of {len(configs)} point(s) finished"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def _check_ranks(cfg: ExperimentConfig, mode: str) -> None:

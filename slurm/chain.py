@@ -77,6 +77,53 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
     return submitted
 
 
+def submit_sweep(configs: list[tuple[ExperimentConfig, Path]], mode: str, log_dir: Path,
+                 parallelism: int) -> list[Submitted]:
+    """A sweep on SLURM: per stage, one array over the points that still need it.
+
+    Task i of a stage's array depends on task i of the previous stage's array only
+    (``aftercorr``), so one point's failure cancels that point's later stages, not
+    the other points'. Points are grouped by the stages they still need, so a partly
+    finished sweep resumes where each point stands.
+    """
+    groups: dict[tuple[str, ...], list[tuple[ExperimentConfig, Path]]] = {}
+    for cfg, path in configs:
+        _, todo = pending(cfg)
+        if todo:
+            groups.setdefault(tuple(s.name for s in todo), []).append((cfg, path))
+        else:
+            print(f"{cfg.run_dir}: every stage done, skipped")
+    submitted: list[Submitted] = []
+    for stages, members in groups.items():
+        previous: str | None = None
+        for stage_name in stages:
+            previous, entries = _submit_array(members, stage_name, mode, log_dir, parallelism, previous)
+            submitted.extend(entries)
+    return submitted
+
+
+def _submit_array(members: list[tuple[ExperimentConfig, Path]], stage_name: str, mode: str, log_dir: Path,
+                  parallelism: int, previous_array: str | None) -> tuple[str, list[Submitted]]:
+    from imret.pipeline import STAGES
+
+    stage = STAGES[stage_name]
+    dependency = f"aftercorr:{previous_array}" if previous_array else None
+    executor, shape = make_executor(members[0][0], stage_name, mode, log_dir / "%j", dependency)
+    executor.update_parameters(slurm_array_parallelism=parallelism)
+    with executor.batch():
+        jobs = [executor.submit(StageJob(str(path.resolve()), stage_name, stage.all_ranks)) for _, path in members]
+    entries = []
+    for (cfg, _), job in zip(members, jobs):
+        entry = Submitted(stage_name, str(job.job_id), mode, shape.ranks, str(job.paths.stdout),
+                          str(job.paths.stderr), time.strftime("%Y-%m-%d %H:%M:%S"))
+        record(RunDir(cfg.run_dir), entry)
+        entries.append(entry)
+    array_id = str(jobs[0].job_id).split("_")[0]
+    print(f"{stage_name}: submitted array {array_id} of {len(jobs)} task(s)"
+          + (f", each after its task of {previous_array}" if previous_array else ""), flush=True)
+    return array_id, entries
+
+
 def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0) -> None:
     """Block until the job ends, echoing its rank-0 output; raise StageFailed on failure."""
     follower = _LogFollower(Path(entry.stdout))

@@ -68,6 +68,8 @@ def slurm_parameters(res: ResourcesConfig, shape: Shape, name: str) -> dict[str,
         "slurm_signal_delay_s": res.signal_delay_s,
         # a rank that fails ends the whole job step, so a hung peer cannot keep the allocation
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        # a job whose dependency failed is cancelled rather than left pending for ever
+        "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
     }
     if shape.gpus_per_node:
         params["gpus_per_node"] = shape.gpus_per_node

@@ -75,10 +75,22 @@ def _defer_preemption_signal() -> Any:
 
 
 def _requeue(submitit_handler: Any) -> None:
-    """After a cooperative stop: rank 0 lets submitit checkpoint and requeue; the others leave."""
+    """After a cooperative stop: rank 0 lets submitit checkpoint and requeue; the others wait for it.
+
+    The other ranks must not exit first: with ``srun --kill-on-bad-exit`` their exit
+    could end rank 0 before it has requeued the job. So they block in a collective
+    that rank 0 never joins; it fails as soon as rank 0 exits after requeuing (or the
+    scheduler ends them with the job), and only then do they leave.
+    """
+    import torch.distributed as dist
+
     rank = submitit.JobEnvironment().global_rank
     if rank == 0 and callable(submitit_handler):
         submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # calls checkpoint(), requeues, exits
-    # Other ranks: rank 0 is requeuing the whole job, which ends every task; leave quietly.
-    time.sleep(1.0)
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # rank 0 is gone: the requeue is under way
+            pass
+    time.sleep(0.5)
     sys.exit(-1)

@@ -1,0 +1,73 @@
+"""Sweeps: one experiment, many configurations (a SLURM array).
+
+``sweep.grid`` maps config key paths to lists of values; its cross product gives the
+points. ``sweep.points`` adds explicit override sets (a point may name itself with
+``name:``). Each point becomes a full experiment config of its own, whose run
+directory is ``runs/<experiment>/<point name>``, so every array task has its own
+checkpoints, features and results, and ``tools/gather.py --exp '<experiment>/*'``
+tabulates them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from imret.config import SweepConfig
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str  # also the run directory under the experiment's
+    overrides: tuple[str, ...]  # "key.path=value" strings, as --set takes them
+
+
+def _label(key: str, value: Any) -> str:
+    leaf = key.split(".")[-1]
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+    return f"{leaf}={text}"
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: --set parses it back to the same value
+
+
+def expand(sweep: SweepConfig) -> list[Point]:
+    """Every point of the sweep, in a fixed order (grid first, then explicit points)."""
+    points: list[Point] = []
+    keys = list(sweep.grid)
+    combos = itertools.product(*(sweep.grid[k] for k in keys)) if keys else []  # product() of nothing: one ()
+    for combo in combos:
+        name = "_".join(_label(k, v) for k, v in zip(keys, combo))
+        points.append(Point(name, tuple(_override(k, v) for k, v in zip(keys, combo))))
+    for i, point in enumerate(sweep.points):
+        values = {k: v for k, v in point.items() if k != "name"}
+        name = str(point.get("name") or "_".join(_label(k, v) for k, v in values.items()) or f"point{i}")
+        points.append(Point(name, tuple(_override(k, v) for k, v in values.items())))
+    return _unique([Point(_UNSAFE.sub("-", p.name).strip("-")[:120] or "point", p.overrides) for p in points])
+
+
+def _unique(points: list[Point]) -> list[Point]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in points:
+        count = seen.get(p.name, 0)
+        seen[p.name] = count + 1
+        out.append(p if not count else Point(f"{p.name}-{count}", p.overrides))
+    return out
+
+
+def select(points: list[Point], only: list[str]) -> list[Point]:
+    """The named subset (``--only``); unknown names are an error listing the valid ones."""
+    if not only:
+        return points
+    names = {p.name for p in points}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"--only: no sweep point named {', '.join(unknown)}; points: {', '.join(sorted(names))}")
+    return [p for p in points if p.name in only]
