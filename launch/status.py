@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,44 +19,9 @@ if str(ROOT) not in sys.path:
 
 from imret.config import ConfigError, Experiments  # noqa: E402
 from imret.rundir import RunDir  # noqa: E402
+from slurm.state import slurm_state  # noqa: E402
 
 HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
-FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-
-
-@dataclass
-class JobState:
-    state: str
-    elapsed: str = ""
-    reason: str = ""
-
-
-def _run(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        return ""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout if out.returncode == 0 else ""
-
-
-def slurm_state(job_id: str) -> JobState | None:
-    """The scheduler's view of a job: squeue while queued or running, scontrol or sacct after."""
-    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%M|%r"]).strip().splitlines()
-    if line:
-        state, elapsed, reason = (line[0].split("|") + ["", ""])[:3]
-        return JobState(state, elapsed, "" if reason == "None" else reason)
-    shown = _run(["scontrol", "show", "job", job_id])
-    if shown:
-        fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
-        return JobState(fields.get("JobState", "?"), fields.get("RunTime", ""),
-                        "" if fields.get("Reason") == "None" else fields.get("Reason", ""))
-    acct = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Elapsed"]).strip().splitlines()
-    if acct:
-        state, elapsed = (acct[0].split("|") + [""])[:2]
-        return JobState(state.split()[0], elapsed)
-    return None
 
 
 def stage_rows(run: RunDir, stages: list[str]) -> list[dict[str, str]]:
@@ -77,7 +39,7 @@ def stage_rows(run: RunDir, stages: list[str]) -> list[dict[str, str]]:
             row.update(state="DONE", elapsed=f"{info.get('seconds', '?')} s", note=f"finished {info.get('finished', '')}")
         elif entry:
             _fill_from_scheduler(row, entry, failed)
-            if row["state"].split()[0] in FAILED_STATES and failed is None:
+            if row.pop("failed", False) and failed is None:
                 failed = stage
                 row["note"] = f"log: {entry['stderr']}"
                 row["log_tail"] = _tail(Path(entry["stderr"]))
@@ -94,7 +56,7 @@ def _fill_from_scheduler(row: dict[str, str], entry: dict[str, str], failed: str
     if state is None:
         row["state"] = "UNKNOWN (no longer known to the scheduler)"
         return
-    row.update(state=state.state, elapsed=state.elapsed)
+    row.update(state=state.state, elapsed=state.elapsed, failed=state.failed and not failed)
     if failed and state.state in ("PENDING", "CANCELLED"):
         row["note"] = f"waits on the failed stage '{failed}': it will not run"
     elif state.reason:

@@ -23,6 +23,7 @@ from imret.pipeline import Stage, pending
 from imret.rundir import RunDir, atomic_write_json
 from slurm.executors import make_executor
 from slurm.jobs import StageJob
+from slurm.state import slurm_state
 
 
 class StageFailed(RuntimeError):
@@ -59,22 +60,29 @@ def submit_stage(cfg: ExperimentConfig, stage: Stage, mode: str, config_path: Pa
 
 
 def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool = False) -> list[Submitted]:
-    """Submit every stage that is not done yet; wait for each when running locally (or ``wait``)."""
+    """Submit every stage that is not done yet.
+
+    On SLURM all of them go in at once, each after the previous (``afterok``); with
+    ``wait`` this then follows them in order. Locally each stage runs and is waited
+    for before the next is submitted.
+    """
     done, todo = pending(cfg)
     for stage in done:
         print(f"{stage.name}: already done ({RunDir(cfg.run_dir).marker(stage.name)}), skipped")
-    submitted: list[Submitted] = []
-    previous: submitit.Job[Any] | None = None
+    submitted: list[tuple[submitit.Job[Any], Submitted]] = []
     for stage in todo:
+        previous = submitted[-1][0] if submitted else None
         dependency = f"afterok:{previous.job_id}" if (mode == "slurm" and previous is not None) else None
         job, entry = submit_stage(cfg, stage, mode, config_path, dependency)
-        submitted.append(entry)
+        submitted.append((job, entry))
         print(f"{stage.name}: submitted job {entry.job_id} ({mode}, {entry.ranks} rank(s))"
               + (f", after {previous.job_id}" if dependency and previous is not None else ""), flush=True)
-        if mode != "slurm" or wait:
+        if mode != "slurm":
             wait_for(job, entry)
-        previous = job
-    return submitted
+    if mode == "slurm" and wait:
+        for job, entry in submitted:
+            wait_for(job, entry)
+    return [entry for _, entry in submitted]
 
 
 def submit_sweep(configs: list[tuple[ExperimentConfig, Path]], mode: str, log_dir: Path,
@@ -129,8 +137,15 @@ def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0) -> N
     follower = _LogFollower(Path(entry.stdout))
     while not job.done():
         follower.echo()
+        if entry.mode == "slurm" and _ended_without_result(job):
+            break
         time.sleep(poll_s)
     follower.echo()
+    if entry.mode == "slurm" and not job.paths.result_pickle.exists():
+        state = slurm_state(str(job.job_id))
+        why = f"{state.state}{f' ({state.reason})' if state and state.reason else ''}" if state else "gone"
+        raise StageFailed(f"stage '{entry.stage}' did not finish (job {entry.job_id}: {why}). "
+                          f"Its log: {entry.stderr}\n{_tail(Path(entry.stderr))}")
     try:
         job.results()
     except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the log tail
@@ -138,6 +153,16 @@ def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0) -> N
             f"stage '{entry.stage}' failed (job {entry.job_id}). Its log: {entry.stderr}\n"
             f"{_tail(Path(entry.stderr))}\n{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
+
+
+def _ended_without_result(job: submitit.Job[Any]) -> bool:
+    """A SLURM job that ended (failed, cancelled) without writing submitit's result file.
+
+    submitit reads job states from sacct, which a cluster without slurmdbd lacks; ask
+    squeue/scontrol instead, so that a cancelled dependent is not waited on for ever.
+    """
+    state = slurm_state(str(job.job_id))
+    return state is not None and state.failed and not job.paths.result_pickle.exists()
 
 
 def _tail(path: Path, lines: int = 25) -> str:

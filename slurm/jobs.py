@@ -18,6 +18,7 @@ are kept on disk and skipped when the job runs again).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -34,6 +35,7 @@ class StageJob:
         self.one_gpu_per_rank = one_gpu_per_rank
 
     def __call__(self) -> dict[str, Any]:
+        _log_allocation()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.one_gpu_per_rank)
         from imret import stopping
         from imret.config import load_yaml
@@ -54,6 +56,15 @@ class StageJob:
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage}, {self.config_path})"
+
+
+def _log_allocation() -> None:
+    """One line per task saying what the scheduler gave it (read before the rank's GPU is picked)."""
+    env = submitit.JobEnvironment()
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "0")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    print(f"imret: job {env.job_id} rank {env.global_rank}/{env.num_tasks} on node {env.node}/{env.num_nodes} "
+          f"({env.hostname}); gpus on node: {gpus}; CUDA_VISIBLE_DEVICES={visible or '(unset)'}", flush=True)
 
 
 def _defer_preemption_signal() -> Any:
