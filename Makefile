@@ -20,7 +20,10 @@ venv: $(STAMP)
 data/digits/database/manifest.json: $(STAMP) shards/digits.py shards/writer.py
 	$(PY) -m shards.write digits --out data/digits --no-progress
 
-shards: data/digits/database/manifest.json
+data/digits_loop/test/manifest.json: $(STAMP) shards/digits.py shards/writer.py
+	$(PY) -m shards.write digits --protocol loop --out data/digits_loop --no-progress
+
+shards: data/digits/database/manifest.json data/digits_loop/test/manifest.json
 
 demo: shards
 	$(PY) launch/submit.py --exp digits_demo

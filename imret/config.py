@@ -163,11 +163,16 @@ class EvaluateConfig:
 
 @dataclass
 class ClusterConfig:
-    method: str = "density"  # pseudo-labelling method (imret.cluster)
-    split: str = ""  # split to pseudo-label
+    method: str = "density"  # pseudo-labelling method (imret.cluster.METHODS)
+    splits: list[str] = field(default_factory=list)  # unlabelled splits to pseudo-label (their features)
+    labelled: list[str] = field(default_factory=list)  # labelled splits kept with their true labels (mask 0)
     k: int = 10  # neighbours in the k-NN graph
     tau: float = 0.9  # keep edges with similarity above tau
     thresh: float = 0.8  # select samples whose density exceeds this
+    min_size: int = 2  # clusters smaller than this are not selected
+    exact_below: int = 200_000  # exact k-NN below this many points, an approximate FAISS index above
+    index: Literal["hnsw", "ivf"] = "hnsw"  # the approximate index
+    recall_sample: int = 1000  # points whose approximate k-NN is checked against exact k-NN
 
 
 @dataclass
@@ -204,7 +209,7 @@ class ResourcesConfig:
 
 @dataclass
 class SweepConfig:
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # key path -> values; the cross product
+    grid: dict[str, Any] = field(default_factory=dict)  # key path -> list of values, or {name: value}; the cross product
     points: list[dict[str, Any]] = field(default_factory=list)  # explicit override sets (added to the grid)
     array_parallelism: int = 16  # at most this many array tasks run at once
 
@@ -480,8 +485,8 @@ def _validate_stages(cfg: ExperimentConfig) -> None:
     order = [STAGES.index(s) for s in cfg.stages]
     if order != sorted(order) or len(set(order)) != len(order):
         raise ConfigError(f"stages: {cfg.stages} must be distinct and in the order {', '.join(STAGES)}")
-    if "cluster" in cfg.stages and not cfg.cluster.split:
-        raise ConfigError("cluster.split: the cluster stage needs the name of the split to pseudo-label")
+    if "cluster" in cfg.stages and not cfg.cluster.splits:
+        raise ConfigError("cluster.splits: the cluster stage needs the split(s) to pseudo-label")
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -1,6 +1,8 @@
 """Sweeps: one experiment, many configurations (a SLURM array).
 
-``sweep.grid`` maps config key paths to lists of values; its cross product gives the
+``sweep.grid`` maps config key paths to lists of values, or to mappings from a short
+name to a value (the name then stands for the value in the point's name, e.g.
+``loss.terms: {angular30: [...], triplet02: [...]}``); the cross product gives the
 points. ``sweep.points`` adds explicit override sets (a point may name itself with
 ``name:``). Each point becomes a full experiment config of its own, whose run
 directory is ``runs/<experiment>/<point name>``, so every array task has its own
@@ -27,6 +29,15 @@ class Point:
     overrides: tuple[str, ...]  # "key.path=value" strings, as --set takes them
 
 
+def _axis(key: str, values: Any) -> list[tuple[str, Any]]:
+    """(label, value) pairs of one grid axis: a list of values, or a mapping of names to values."""
+    if isinstance(values, dict):
+        return [(str(name), value) for name, value in values.items()]
+    if isinstance(values, list) and values:
+        return [(_label(key, v).split("=", 1)[1], v) for v in values]
+    raise ValueError(f"sweep.grid.{key}: expected a non-empty list of values or a mapping of names to values")
+
+
 def _label(key: str, value: Any) -> str:
     leaf = key.split(".")[-1]
     text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
@@ -41,10 +52,11 @@ def expand(sweep: SweepConfig) -> list[Point]:
     """Every point of the sweep, in a fixed order (grid first, then explicit points)."""
     points: list[Point] = []
     keys = list(sweep.grid)
-    combos = itertools.product(*(sweep.grid[k] for k in keys)) if keys else []  # product() of nothing: one ()
+    axes = [_axis(k, sweep.grid[k]) for k in keys]
+    combos = itertools.product(*axes) if keys else []  # product() of nothing would be one empty point
     for combo in combos:
-        name = "_".join(_label(k, v) for k, v in zip(keys, combo))
-        points.append(Point(name, tuple(_override(k, v) for k, v in zip(keys, combo))))
+        name = "_".join(f"{k.split('.')[-1]}={label}" for k, (label, _) in zip(keys, combo))
+        points.append(Point(name, tuple(_override(k, v) for k, (_, v) in zip(keys, combo))))
     for i, point in enumerate(sweep.points):
         values = {k: v for k, v in point.items() if k != "name"}
         name = str(point.get("name") or "_".join(_label(k, v) for k, v in values.items()) or f"point{i}")

@@ -66,29 +66,61 @@ def main(argv: list[str] | None = None) -> int:
             return _submit_sweep(cfg, exps, args)
         if args.only:
             raise ConfigError(f"--only selects sweep points, but '{args.exp}' has no sweep")
-        return _submit(cfg, args)
+        return _submit(cfg, exps, args)
     except (ConfigError, ValueError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
 
 
-def _submit(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def upstream(exps: Experiments, cfg: ExperimentConfig, overrides: list[str],
+             _seen: tuple[str, ...] = ()) -> list[ExperimentConfig]:
+    """Experiments this one builds on, in the order they must run (deepest first).
+
+    ``train.init_from`` and ``data.pseudo_labels`` may name other experiments (an
+    iteration of the cluster-finetune loop starts from the previous one's weights and
+    trains on its pseudo-labels). Upstream experiments are resolved with the same
+    ``--set`` overrides, so one shrinking override shrinks the whole chain.
+    """
+    refs = [r for r in (cfg.train.init_from, cfg.data.pseudo_labels) if r in exps.entries and r != cfg.name]
+    chain: list[ExperimentConfig] = []
+    for name in dict.fromkeys(refs):
+        if name in _seen:
+            raise ConfigError(f"experiments form a cycle: {' -> '.join(_seen + (name,))}")
+        up = exps.resolve(name, overrides)
+        chain += upstream(exps, up, overrides, _seen + (cfg.name,)) + [up]
+    unique: dict[str, ExperimentConfig] = {}
+    for c in chain:
+        unique.setdefault(c.name, c)
+    return list(unique.values())
+
+
+def _submit(cfg: ExperimentConfig, exps: Experiments, args: argparse.Namespace) -> int:
     from slurm.executors import resolve_mode
 
     mode = "slurm" if args.dry_run and args.cluster == "slurm" else (
         args.cluster if args.dry_run and args.cluster != "auto" else resolve_mode(args.cluster))
-    _check_ranks(cfg, mode)
+    chain = upstream(exps, cfg, args.overrides) + [cfg]
+    for link in chain:
+        _check_ranks(link, mode)
     if args.dry_run:
-        _dry_run(cfg, mode)
+        for i, link in enumerate(chain):
+            if i:
+                print(f"\n-- then {link.name}, after {chain[i - 1].name}'s last stage --\n")
+            _dry_run(link, mode, after=f"{chain[i - 1].name}:{chain[i - 1].stages[-1]}" if i else None)
         return 0
-    _check_data(cfg)
-    config_path = _write_config(cfg, args.force)
+    for link in chain:
+        _check_data(link)
+    paths = [_write_config(link, args.force) for link in chain]
     from slurm.chain import StageFailed, submit_chain
 
-    print(f"submit: {cfg.name} -> {cfg.run_dir} ({mode})")
+    print(f"submit: {' -> '.join(c.name for c in chain)} ({mode})")
     started = time.time()
+    submitted, last = [], None
     try:
-        submitted = submit_chain(cfg, mode, config_path, wait=args.wait)
+        for link, path in zip(chain, paths):
+            entries = submit_chain(link, mode, path, wait=args.wait, after=last)
+            submitted += entries
+            last = entries[-1].job_id if entries else last
     except StageFailed as err:
         print(f"submit: {err}", file=sys.stderr)
         return 1
@@ -176,8 +208,8 @@ def _needed_splits(cfg: ExperimentConfig) -> list[str]:
     splits = list(cfg.data.train_splits) if "train" in cfg.stages else []
     if "extract" in cfg.stages:
         splits += splits_to_extract(cfg)
-    if "cluster" in cfg.stages and cfg.cluster.split:
-        splits.append(cfg.cluster.split)
+    if "cluster" in cfg.stages:
+        splits += cfg.cluster.splits + cfg.cluster.labelled
     return list(dict.fromkeys(splits))
 
 
@@ -218,7 +250,7 @@ def _write_config(cfg: ExperimentConfig, force: bool) -> Path:
     return run.config
 
 
-def _dry_run(cfg: ExperimentConfig, mode: str) -> None:
+def _dry_run(cfg: ExperimentConfig, mode: str, after: str | None = None) -> None:
     from imret.pipeline import pending
     from imret.rundir import RunDir
     from slurm.executors import sbatch_preview, stage_shape
@@ -231,7 +263,10 @@ def _dry_run(cfg: ExperimentConfig, mode: str) -> None:
     print(f"model {cfg.model.backbone} pool={cfg.model.pool} embed_dim={cfg.model.embed_dim}; loss {loss}; "
           f"optim {cfg.optim.name} lr={cfg.optim.lr:g} head_lr_mult={cfg.optim.head_lr_mult:g}; "
           f"batch {cfg.data.batch_size} ({cfg.data.sampler}, K={cfg.data.samples_per_class}); epochs {cfg.train.epochs}")
-    previous = None
+    print(f"data {cfg.data.root}: train on {', '.join(cfg.data.train_splits)}"
+          + (f" with pseudo-labels from {cfg.data.pseudo_labels}" if cfg.data.pseudo_labels else "")
+          + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from else ""))
+    previous = after
     for stage in done + todo:
         state = "done, skipped" if stage in done else "to run"
         shape = stage_shape(cfg, stage.name, mode)

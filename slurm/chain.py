@@ -59,26 +59,29 @@ def submit_stage(cfg: ExperimentConfig, stage: Stage, mode: str, config_path: Pa
     return job, entry
 
 
-def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool = False) -> list[Submitted]:
+def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool = False,
+                 after: str | None = None) -> list[Submitted]:
     """Submit every stage that is not done yet.
 
-    On SLURM all of them go in at once, each after the previous (``afterok``); with
+    On SLURM all of them go in at once, each after the previous (``afterok``; the first
+    after job ``after`` when given: the last job of an upstream experiment); with
     ``wait`` this then follows them in order. Locally each stage runs and is waited
     for before the next is submitted.
     """
     done, todo = pending(cfg)
     for stage in done:
-        print(f"{stage.name}: already done ({RunDir(cfg.run_dir).marker(stage.name)}), skipped")
+        print(f"{cfg.name}: {stage.name}: already done ({RunDir(cfg.run_dir).marker(stage.name)}), skipped")
     submitted: list[tuple[submitit.Job[Any], Submitted]] = []
+    previous = after
     for stage in todo:
-        previous = submitted[-1][0] if submitted else None
-        dependency = f"afterok:{previous.job_id}" if (mode == "slurm" and previous is not None) else None
+        dependency = f"afterok:{previous}" if (mode == "slurm" and previous) else None
         job, entry = submit_stage(cfg, stage, mode, config_path, dependency)
         submitted.append((job, entry))
-        print(f"{stage.name}: submitted job {entry.job_id} ({mode}, {entry.ranks} rank(s))"
-              + (f", after {previous.job_id}" if dependency and previous is not None else ""), flush=True)
+        print(f"{cfg.name}: {stage.name}: submitted job {entry.job_id} ({mode}, {entry.ranks} rank(s))"
+              + (f", after {previous}" if dependency else ""), flush=True)
         if mode != "slurm":
             wait_for(job, entry)
+        previous = str(job.job_id)
     if mode == "slurm" and wait:
         for job, entry in submitted:
             wait_for(job, entry)

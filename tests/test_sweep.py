@@ -19,6 +19,19 @@ def test_grid_cross_product_and_points():
     assert points[4].overrides == ("train.epochs=3",)
 
 
+def test_grid_axes_may_name_their_values():
+    angular = [{"name": "angular", "params": {"alpha": 30}}]
+    triplet = [{"name": "triplet", "params": {"margin": 0.2}}]
+    sweep = SweepConfig(grid={"data.root": {"cat13": "data/cat13", "cat40": "data/cat40"},
+                              "loss.terms": {"angular30": angular, "triplet02": triplet}})
+    points = expand(sweep)
+    assert [p.name for p in points] == ["root=cat13_terms=angular30", "root=cat13_terms=triplet02",
+                                        "root=cat40_terms=angular30", "root=cat40_terms=triplet02"]
+    assert points[1].overrides[1] == 'loss.terms=[{"name": "triplet", "params": {"margin": 0.2}}]'
+    with pytest.raises(ValueError, match="sweep.grid.optim.lr: expected a non-empty list"):
+        expand(SweepConfig(grid={"optim.lr": []}))
+
+
 def test_names_are_safe_and_unique():
     points = expand(SweepConfig(points=[{"data.root": "/data/cat 13"}, {"data.root": "/data/cat 13"}]))
     assert [p.name for p in points] == ["root=-data-cat-13", "root=-data-cat-13-1"]
