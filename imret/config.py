@@ -173,6 +173,7 @@ class ClusterConfig:
     exact_below: int = 200_000  # exact k-NN below this many points, an approximate FAISS index above
     index: Literal["hnsw", "ivf"] = "hnsw"  # the approximate index
     recall_sample: int = 1000  # points whose approximate k-NN is checked against exact k-NN
+    levels: int = 10  # Hi-LANDER's levels: merge clusters by their mean features until a level merges none (1: no merging)
 
 
 @dataclass
@@ -501,6 +502,9 @@ def _validate_data(data: DataConfig) -> None:
             )
     if data.sampler == "triplet" and not (data.anchor_modality and data.positive_modality):
         raise ConfigError("data.sampler=triplet needs data.anchor_modality and data.positive_modality (e.g. sketch, photo)")
+    if data.sampler == "triplet" and data.batch_size % 3:
+        raise ConfigError(f"data.batch_size ({data.batch_size}) must divide by 3: a triplet batch holds whole "
+                          f"(anchor, positive, negative) triples")
     if len(data.crop_scale) != 2 or not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {data.crop_scale}")
     if len(data.mean) not in (0, 3) or len(data.std) not in (0, 3):

@@ -69,3 +69,38 @@ def test_a_second_submission_skips_finished_stages(demo, capsys):
     for stage in ("train", "extract", "evaluate"):
         assert f"{stage}: already done" in out and "skipped" in out
     assert json.loads(submissions.read_text()) == before  # nothing was submitted
+
+
+def valid_png(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def test_gradcam_writes_overlays(demo, capsys):
+    from tools.gradcam import main as gradcam
+
+    out = demo["tmp"] / "gradcam"
+    assert gradcam(["--exp", "digits_demo", "--runs-root", str(demo["tmp"] / "runs"), "--queries", "0", "5",
+                    "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "query-00000.png"), str(out / "query-00005.png"), str(out / "grid.png")]
+    width, height = valid_png(out / "query-00005.png")
+    assert width == 2 * height  # image | overlay
+    assert valid_png(out / "grid.png") == (width, 2 * height)
+
+
+def test_lr_find_plots_and_suggests(demo, capsys, tmp_path):
+    from tools.lr_find import main as lr_find
+
+    out = tmp_path / "lr.png"
+    assert lr_find(["--exp", "digits_demo", "--set", f"data.root={demo['tmp']}/digits", "--set",
+                    "model.backbone=test_resnet", "--steps", "12", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tested 12 learning rates from 1.00e-07" in printed and f"plot: {out}" in printed
+    assert "no suggestion: it needs at least 17 points" in printed
+    assert valid_png(out)[0] > 100

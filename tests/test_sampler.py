@@ -90,3 +90,23 @@ def test_unlabelled_samples_are_never_drawn():
     labels[::2] = -1
     drawn = BatchPlan(labels, 6, samples_per_class=2).epoch(0).ravel()
     assert (labels[drawn] >= 0).all()
+
+
+def test_triplet_plan_draws_anchor_positive_negative_triples():
+    from imret.data.sampler import TripletPlan
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2])
+    modalities = np.array(["sketch"] * 6 + ["photo"] * 6)
+    plan = TripletPlan(labels, modalities, 6, "sketch", "photo", seed=3)
+    batches = plan.epoch(0)
+    assert batches.shape == (3, 6)
+    triples = batches.reshape(-1, 3)
+    assert (modalities[triples[:, 0]] == "sketch").all() and (modalities[triples[:, 1:]] == "photo").all()
+    assert (labels[triples[:, 0]] == labels[triples[:, 1]]).all()
+    assert (labels[triples[:, 0]] != labels[triples[:, 2]]).all()
+    assert sorted(triples[:, 0].tolist()) == list(range(6))  # each anchor once per epoch
+    assert np.array_equal(plan.epoch(0), TripletPlan(labels, modalities, 6, "sketch", "photo", seed=3).epoch(0))
+    with pytest.raises(ValueError, match="must divide by 3"):
+        TripletPlan(labels, modalities, 8, "sketch", "photo")
+    with pytest.raises(ValueError, match="modality 'drawing'.*has: photo, sketch"):
+        TripletPlan(labels, modalities, 6, "drawing", "photo")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imret.config import ExperimentConfig
 from imret.data.labels import LABELLED, apply_sidecar, load_sidecar, resolve_sidecar
-from imret.data.sampler import BatchPlan, RankBatches
+from imret.data.sampler import BatchPlan, RankBatches, TripletPlan
 from imret.data.shards import ShardError, ShardSplit, image_bytes
 from imret.data.transforms import eval_transform, train_transform
 from imret.distributed import DistInfo
@@ -108,17 +108,26 @@ class TrainData:
             self.labelled_classes = int(real.max()) + 1 if len(real) else 0
             self.num_classes = int(labels.max()) + 1 if (labels >= 0).any() else 0
         self.labels = labels
-        self.plan = BatchPlan(
-            labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
-            samples_per_class=d.samples_per_class, seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch,
-            small_classes=d.small_classes, max_per_class=d.max_per_class,
-        )
+        self.plan = self._plan(cfg, labels)
         self.sampler = RankBatches(self.plan, info.rank, info.world_size)
         dataset = TrainSet(self.source, labels, train_transform(d, cfg.model.backbone))
         self.loader = DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
             persistent_workers=d.num_workers > 0, pin_memory=info.backend == "nccl",
         )
+
+    def _plan(self, cfg: ExperimentConfig, labels: np.ndarray) -> BatchPlan | TripletPlan:
+        d = cfg.data
+        if d.sampler == "triplet":
+            # the modality is the first path component of a sample's key ("sketch/airplane/..."),
+            # as the sketchy converter writes them
+            modalities = np.array([str(k).split("/", 1)[0] for k in self.source.keys])
+            return TripletPlan(labels, modalities, d.batch_size, d.anchor_modality, d.positive_modality,
+                               seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch)
+        return BatchPlan(labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
+                         samples_per_class=d.samples_per_class, seed=cfg.train.seed,
+                         steps_per_epoch=d.steps_per_epoch, small_classes=d.small_classes,
+                         max_per_class=d.max_per_class)
 
     @property
     def steps_per_epoch(self) -> int:

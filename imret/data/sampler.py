@@ -154,14 +154,14 @@ def augmentation_seeds(seed: int, epoch: int, step: int, batch_size: int) -> np.
     return np.array([mix_seed(base, i) for i in range(batch_size)], dtype=np.int64)
 
 
-class RankBatches(Sampler[list[tuple[int, int]]]):
+class RankBatches(Sampler[list[tuple[int, int]]]):  # plan: a BatchPlan or a TripletPlan
     """This rank's slice of each global batch, as ``(index, augmentation seed)`` pairs.
 
     Set ``epoch`` (and ``start_step`` when resuming) before iterating; a DataLoader
     with persistent workers iterates this sampler afresh for every epoch.
     """
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int) -> None:
+    def __init__(self, plan: BatchPlan | TripletPlan, rank: int, world_size: int) -> None:
         if plan.batch_size % world_size:
             raise ValueError(f"the global batch ({plan.batch_size}) must divide evenly over {world_size} ranks")
         self.plan, self.rank, self.world_size = plan, rank, world_size
@@ -181,3 +181,60 @@ class RankBatches(Sampler[list[tuple[int, int]]]):
         for step in range(self.start_step, len(batches)):
             seeds = augmentation_seeds(self.plan.seed, self.epoch, step, self.plan.batch_size)
             yield list(zip(batches[step, lo:hi].tolist(), seeds[lo:hi].tolist()))
+
+
+class TripletPlan:
+    """Global batches of (anchor, positive, negative) triples across two modalities.
+
+    The sketch-retrieval recipe: anchors are samples of one modality (sketches), each
+    paired with a random sample of the other modality (photos) of the same class and
+    one of a different class. A batch of B holds B/3 triples as
+    ``[a1, p1, n1, a2, p2, n2, ...]``; the labels keep the loss label-based (anchor and
+    positive share a class, the negative has its own). An epoch visits each anchor
+    about once; everything is drawn from ``(seed, epoch)`` like ``BatchPlan``.
+    """
+
+    def __init__(self, labels: np.ndarray, modalities: np.ndarray, batch_size: int, anchor: str, positive: str,
+                 *, seed: int = 0, steps_per_epoch: int = 0) -> None:
+        if batch_size % 3:
+            raise ValueError(f"a triplet batch holds whole triples: data.batch_size ({batch_size}) must divide by 3")
+        self.labels, self.batch_size, self.seed = np.asarray(labels), batch_size, seed
+        valid = self.labels >= 0
+        self.anchors = np.flatnonzero(valid & (modalities == anchor))
+        gallery = np.flatnonzero(valid & (modalities == positive))
+        if not len(self.anchors) or not len(gallery):
+            found = ", ".join(sorted(set(modalities.tolist())))
+            raise ValueError(f"triplets need samples of modality '{anchor}' (anchors) and '{positive}' (positives); "
+                             f"the training data has: {found}")
+        order = np.argsort(self.labels[gallery], kind="stable")
+        self.gallery = gallery[order]
+        classes, starts, counts = np.unique(self.labels[self.gallery], return_index=True, return_counts=True)
+        self._slice = {int(c): (s, n) for c, s, n in zip(classes, starts, counts)}
+        self.anchors = self.anchors[np.isin(self.labels[self.anchors], classes)]  # anchors need a positive
+        if len(classes) < 2:
+            raise ValueError("triplets need positives of at least two classes (one for negatives)")
+        self.steps_per_epoch = steps_per_epoch or max(len(self.anchors) // (batch_size // 3), 1)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._slice)
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        per = self.batch_size // 3
+        need = self.steps_per_epoch * per
+        anchors = np.concatenate([rng.permutation(self.anchors) for _ in range(-(-need // len(self.anchors)))])[:need]
+        positives = np.array([self._draw(int(self.labels[a]), rng) for a in anchors])
+        negatives = np.array([self._draw_other(int(self.labels[a]), rng) for a in anchors])
+        triples = np.stack([anchors, positives, negatives], axis=1)  # need x 3
+        return triples.reshape(self.steps_per_epoch, self.batch_size)
+
+    def _draw(self, cls: int, rng: np.random.Generator) -> int:
+        start, count = self._slice[cls]
+        return int(self.gallery[start + rng.integers(count)])
+
+    def _draw_other(self, cls: int, rng: np.random.Generator) -> int:
+        while True:
+            pick = int(self.gallery[rng.integers(len(self.gallery))])
+            if self.labels[pick] != cls:
+                return pick
