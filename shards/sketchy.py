@@ -11,6 +11,11 @@ are split, and every sketch follows the photo it was drawn from. The test photos
   ``shards.common.split_counts`` (at least one on each side when a category has two
   photos), chosen by ``--seed`` through ``shards.common.seeded_order`` of the photo ids.
 
+``--modality-splits`` writes each split's photos and sketches apart instead:
+``train_photo``, ``train_sketch``, ``test_photo``, ``test_sketch``; a sketch-retrieval
+experiment trains on both train splits (its triplet sampler reads the modality from the
+key) and searches ``test_sketch`` queries against the ``test_photo`` database.
+
 Labels are the categories in sorted order (class names are the category folders), the
 same in both splits. Samples come per category: its photos (by id), then its sketches
 (by photo id, then n). Keys are the paths without the ``tx_...`` level and extension
@@ -44,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the photo split (default 0)")
     group.add_argument("--test-list", default=None, metavar="FILE", help="photo ids of the test split, one per line")
     group.add_argument("--variant", default=VARIANT, help=f"the rendered augmentation folder (default {VARIANT})")
+    group.add_argument("--modality-splits", action="store_true",
+                       help="write train_photo, train_sketch, test_photo, test_sketch instead of mixed train/test")
 
 
 def modality_root(src: Path, modality: str, variant: str) -> Path:
@@ -130,14 +137,17 @@ def sources(args: Any) -> list[SplitSource]:
     test = test_photos(args, src, photos)
     categories = sorted(set(photos) | {c for c, _ in sketch_files})
     label = {c: i for i, c in enumerate(categories)}
-    splits: dict[str, list[ImageItem]] = {"train": [], "test": []}
+    by_modality = getattr(args, "modality_splits", False)
+    names = [f"{s}_{m}" for s in ("train", "test") for m in ("photo", "sketch")] if by_modality else ["train", "test"]
+    splits: dict[str, list[ImageItem]] = {name: [] for name in names}
     rows = sample_rows(photo_files, sketch_files, roots["sketch"], categories)
     for modality, category, name, photo_id, index in rows:
         path = roots[modality] / category / name
         meta = {"path": path.relative_to(src).as_posix(), "modality": modality, "category": category,
                 "photo_id": photo_id, **({"sketch_index": index} if index is not None else {})}
         item = ImageItem(str(path), key_from_path(f"{modality}/{category}/{name}"), label[category], meta)
-        splits["test" if (category, photo_id) in test else "train"].append(item)
+        split = "test" if (category, photo_id) in test else "train"
+        splits[f"{split}_{modality}" if by_modality else split].append(item)
     for name, items in splits.items():
         check_unique_keys(name, (i.key for i in items), (i.meta["path"] for i in items))
     test_list = getattr(args, "test_list", None)

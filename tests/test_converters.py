@@ -432,6 +432,22 @@ def test_sketchy_test_list_and_flat_layout(tmp_path):
                    str(tmp_path / "bad.txt")) == 2
 
 
+def test_sketchy_modality_splits(tmp_path):
+    src = tmp_path / "sketchy"
+    make_sketchy(src)
+    out = tmp_path / "out"
+    assert convert("sketchy", "--src", str(src), "--out", str(out), "--test-ratio", "0.25", "--modality-splits") == 0
+    sizes = {}
+    for split in ("train_photo", "train_sketch", "test_photo", "test_sketch"):
+        _, got = read_split(out, split)
+        modality = split.split("_")[1]
+        assert got and all(g["meta"]["modality"] == modality and g["key"].startswith(modality) for g in got)
+        sizes[split] = len(got)
+    assert sizes == {"train_photo": 6, "train_sketch": 12, "test_photo": 2, "test_sketch": 4}
+    test_photos = {g["meta"]["photo_id"] for g in read_split(out, "test_photo")[1]}
+    assert {g["meta"]["photo_id"] for g in read_split(out, "test_sketch")[1]} == test_photos
+
+
 # ---------------------------------------------------------------------------- folder
 
 
