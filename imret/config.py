@@ -173,7 +173,7 @@ class ClusterConfig:
     exact_below: int = 200_000  # exact k-NN below this many points, an approximate FAISS index above
     index: Literal["hnsw", "ivf"] = "hnsw"  # the approximate index
     recall_sample: int = 1000  # points whose approximate k-NN is checked against exact k-NN
-    levels: int = 10  # Hi-LANDER's levels: merge clusters by their mean features until a level merges none (1: no merging)
+    levels: int = 10  # Hi-LANDER's levels in all: re-cluster the clusters (average linkage > tau) until none merge; 1: off
 
 
 @dataclass
@@ -486,8 +486,13 @@ def _validate_stages(cfg: ExperimentConfig) -> None:
     order = [STAGES.index(s) for s in cfg.stages]
     if order != sorted(order) or len(set(order)) != len(order):
         raise ConfigError(f"stages: {cfg.stages} must be distinct and in the order {', '.join(STAGES)}")
-    if "cluster" in cfg.stages and not cfg.cluster.splits:
-        raise ConfigError("cluster.splits: the cluster stage needs the split(s) to pseudo-label")
+    if "cluster" in cfg.stages:
+        from imret.cluster import check_params  # late: pulls in faiss
+
+        try:
+            check_params(cfg.cluster)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _validate_data(data: DataConfig) -> None:
@@ -537,6 +542,13 @@ def _validate_model(model: ModelConfig) -> None:
         )
     import timm  # late: heavy
 
+    if model.ensemble.branches:
+        from imret.models.ensemble import check_ensemble_config
+
+        try:
+            check_ensemble_config(model)
+        except ValueError as err:
+            raise ConfigError(f"model.ensemble: {err}") from None
     if not timm.is_model(model.backbone):
         close = difflib.get_close_matches(model.backbone, timm.list_models(), n=3, cutoff=0.6)
         hint = f" Closest: {', '.join(close)}." if close else ""

@@ -25,6 +25,7 @@ LOSSES: dict[str, str] = {
     "cosine_embedding": "imret.losses.cosine_embedding:CosineEmbeddingLoss",
     "ce": "imret.losses.classifier:CrossEntropyLoss",
     "ams": "imret.losses.classifier:AMSoftmaxLoss",
+    "meta_ce": "imret.losses.meta_ce:MetaClassCrossEntropy",
 }
 # Supplied by the trainer from the model and the data. num_classes may also be set in the
 # config (e.g. 1024 classifier classes, more than the labelled data has); labelled_classes
