@@ -208,3 +208,22 @@ def test_an_eight_gpu_node_runs_eight_gloo_ranks(slurm_cluster, tiny_data, tmp_p
     rank0 = Path(job.paths.stdout).read_text()
     assert "rank 0/8 on node 0/1" in rank0 and "gpus on node: 8; CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in rank0
     assert task_placement(RunDir(cfg.run_dir).jobs / str(job.job_id)) == [(r, 0) for r in range(8)]
+
+
+def test_the_digits_loop_runs_as_one_dependency_chain(slurm_cluster, tmp_path, capsys):
+    from shards.write import main as write_shards
+
+    assert write_shards(["digits", "--protocol", "loop", "--out", str(tmp_path / "digits_loop"), "--no-progress"]) == 0
+    assert submit(["--exp", "digits_loop_iter2", "--cluster", "slurm", "--set", f"data.root={tmp_path}/digits_loop",
+                   "--set", f"run.root={tmp_path}/runs", "--set", "resources.tasks_per_node=2"]) == 0
+    out = capsys.readouterr().out
+    submitted = re.findall(r"(digits_loop_iter\d): (\w+): submitted job (\d+).*?(?:, after (\d+))?$", out, re.M)
+    assert len(submitted) == 12  # 3 iterations x train, extract, evaluate, cluster, all queued at once
+    for previous, current in zip(submitted, submitted[1:]):
+        assert current[3] == previous[2]  # each job waits on the one before, across iterations too
+    last = RunDir(tmp_path / "runs" / "digits_loop_iter2")
+    assert wait_until(lambda: last.is_done("cluster"), 1200, poll=2)
+    for i in range(3):
+        run = RunDir(tmp_path / "runs" / f"digits_loop_iter{i}")
+        assert json.loads(run.results.read_text())["map"] > 0.3
+        assert json.loads((run.cluster / "results.json").read_text())["selected"] > 0
