@@ -4,8 +4,8 @@ imret's side runs the real training loop (``imret.train._loop``: DDP-ready forwa
 the gathered batch, non-finite check, gradient-norm clipping, scheduler, stop
 agreement, meters and logging) fed from a batch held in memory, so the data loader is
 out of the picture; checkpoint saving is switched off on both sides. The bare loop is
-forward, loss, backward, optimizer step. Rounds alternate A B A B in one process;
-medians are reported.
+forward, loss, backward, optimizer step. Rounds alternate the order (A B, B A, ...) in
+one process, so neither side always runs first; medians are reported.
 
     python bench/train_overhead.py [--backbone resnet18] [--size 64] [--batch 32] [--steps 20]
 """
@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         bare_loss = SmoothAPLoss(0.01)
         time_imret(training, data, 2), time_bare(bare_model, bare_loss, bare_opt, data, 2)  # warm-up
         ours, theirs = [], []
-        for _ in range(args.rounds):
-            ours.append(time_imret(training, data, args.steps))
-            theirs.append(time_bare(bare_model, bare_loss, bare_opt, data, args.steps))
+        for i in range(args.rounds):
+            if i % 2:
+                theirs.append(time_bare(bare_model, bare_loss, bare_opt, data, args.steps))
+                ours.append(time_imret(training, data, args.steps))
+            else:
+                ours.append(time_imret(training, data, args.steps))
+                theirs.append(time_bare(bare_model, bare_loss, bare_opt, data, args.steps))
     a, b = statistics.median(ours), statistics.median(theirs)
     print(f"machine: {platform.machine()}, CPU, {torch.get_num_threads()} torch threads; {args.backbone} at "
           f"{args.size} px, batch {args.batch}, Smooth-AP, AdamW, {args.steps} steps x {args.rounds} rounds")

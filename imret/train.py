@@ -217,7 +217,8 @@ def _loop(training: Training, board: Board) -> float:
         if cfg.train.max_steps and pos.global_step >= cfg.train.max_steps:
             break
         meter.data_ready()
-        loss_value, parts = _step(training, images, labels, index, step)
+        logging = (pos.global_step + 1) % cfg.train.log_every == 0 or step + 1 == steps
+        loss_value, parts = _step(training, images, labels, index, step, logging)
         pos.epoch, pos.step, pos.global_step = epoch, step + 1, pos.global_step + 1
         meter.step_done()
         if pos.global_step % cfg.train.log_every == 0 or step + 1 == steps:
@@ -247,7 +248,7 @@ def _stop_here(training: Training) -> None:
 
 
 def _step(training: Training, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-          step: int) -> tuple[float, dict[str, float]]:
+          step: int, logging: bool = True) -> tuple[float, dict[str, float]]:
     cfg, info = training.cfg, training.info
     images = images.to(training.device, non_blocking=True)
     if training.on_gpu and cfg.train.channels_last:
@@ -262,11 +263,14 @@ def _step(training: Training, images: torch.Tensor, labels: torch.Tensor, index:
     (loss * info.world_size / acc).backward()
     if (step + 1) % acc == 0:
         params = [p for g in training.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        if cfg.optim.grad_clip:
+            training.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        elif logging:  # without clipping the norm is only logged: skip it on other steps
+            grads = [p.grad for p in params if p.grad is not None]
+            training.last_grad_norm = float(torch.nn.utils.get_total_norm(grads))
         training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
         training.scheduler.step()
-        training.last_grad_norm = float(norm)
     return value, {k: float(v) for k, v in parts.items()}
 
 

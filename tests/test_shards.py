@@ -131,3 +131,14 @@ def test_keys_with_dots_are_refused(tmp_path):
 
 def test_writer_default_shard_size_is_hundreds_of_megabytes():
     assert 100 << 20 <= writer.DEFAULT_SHARD_BYTES <= 1 << 30
+
+
+def test_long_keys_round_trip(tmp_path):
+    # keys over 100 characters: the writer's GNU tar format stores them as long-name members
+    long_dir = "/".join(["category_with_a_long_name"] * 6)
+    items = [(f"{long_dir}/sample_{i:03d}", i % 2, img) for i, (_, _, img) in enumerate(tiny_images(2, 3))]
+    write_tiny_split(tmp_path, "train", items, 2)
+    split = ShardSplit(tmp_path, "train")
+    assert len(split.keys[0]) > 150
+    for i, (key, label, img) in enumerate(items):
+        assert split.keys[i] == key and np.array_equal(pixels(split, i), img)
