@@ -23,6 +23,11 @@ With ranks r_1 <= r_2 <= ... <= r_R of a query's R positives and h_j hits at the
 - ``recall@k``      1 if r_1 <= k (some positive in the top k)
 - ``top1``, ``top3``  the sketch seed's names for recall@1 and recall@3
 
+Pair metrics are functions of the similarities of (query, database item) pairs instead
+(``pair_metrics``): ``roc_auc`` (area under the ROC curve of "same class" against
+similarity, ties counted half, as scikit-learn's ``roc_auc_score``), and ``cos_sim_pos`` /
+``cos_sim_neg``, the mean similarity of positive and of negative pairs.
+
 Queries without any positive are left out of every mean and counted separately.
 A ``Ranks`` object knows the depth to which it ranked the database; a metric that
 needs deeper ranks than it has raises instead of returning a wrong number.
@@ -193,4 +198,58 @@ def compute(ranks: Ranks, names: Sequence[str]) -> dict[str, float]:
             continue  # pair metrics are computed elsewhere
         fn, m = found
         out[name] = float(fn(subset, m).mean()) if len(valid) else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- pair metrics
+
+
+@dataclass
+class RocCurve:
+    """The ROC curve of pair similarities: one point per distinct similarity, from (0, 0) to (1, 1)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray  # a pair is called positive when its similarity >= threshold
+
+    @property
+    def auc(self) -> float:
+        """Trapezoid area: equal to the probability that a random positive pair scores
+        above a random negative pair, ties counted half (Mann-Whitney)."""
+        return float(np.sum(np.diff(self.fpr) * (self.tpr[1:] + self.tpr[:-1]) / 2))
+
+    def thinned(self, max_points: int) -> RocCurve:
+        """At most ``max_points`` points, keeping both ends (for storage and plotting)."""
+        if len(self.fpr) <= max_points:
+            return self
+        keep = np.unique(np.linspace(0, len(self.fpr) - 1, max_points).round().astype(np.int64))
+        return RocCurve(self.fpr[keep], self.tpr[keep], self.thresholds[keep])
+
+
+def roc_curve(similarities: np.ndarray, is_positive: np.ndarray) -> RocCurve:
+    """The exact ROC curve; needs at least one positive and one negative pair."""
+    sims = np.asarray(similarities, np.float64)
+    pos = np.asarray(is_positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"a ROC curve needs positive and negative pairs; got {n_pos} positive and {n_neg} negative")
+    order = np.argsort(-sims, kind="stable")
+    sims, pos = sims[order], pos[order]
+    last = np.r_[np.flatnonzero(sims[1:] != sims[:-1]), len(sims) - 1]  # end of each group of equal similarities
+    tps = np.cumsum(pos)[last]
+    fps = (last + 1) - tps
+    return RocCurve(np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], np.r_[np.inf, sims[last]])
+
+
+def pair_metrics(similarities: np.ndarray, is_positive: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """The requested ``PAIR_METRICS`` (nan where the pairs hold no positive or no negative)."""
+    sims = np.asarray(similarities, np.float64)
+    pos = np.asarray(is_positive, bool)
+    out: dict[str, float] = {}
+    if "roc_auc" in names:
+        out["roc_auc"] = roc_curve(sims, pos).auc if pos.any() and (~pos).any() else float("nan")
+    if "cos_sim_pos" in names:
+        out["cos_sim_pos"] = float(sims[pos].mean()) if pos.any() else float("nan")
+    if "cos_sim_neg" in names:
+        out["cos_sim_neg"] = float(sims[~pos].mean()) if (~pos).any() else float("nan")
     return out

@@ -21,6 +21,7 @@ class Board(Protocol):
     def image(self, tag: str, image: np.ndarray, step: int) -> None: ...
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
     def embedding(self, features: np.ndarray, labels: list[Any], images: np.ndarray | None, tag: str, step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -41,6 +42,9 @@ class NullBoard:
         pass
 
     def embedding(self, features: np.ndarray, labels: list[Any], images: np.ndarray | None, tag: str, step: int) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
         pass
 
     def flush(self) -> None:
@@ -80,6 +84,9 @@ class TensorBoard:
         label_img = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         self._writer.add_embedding(features, metadata=labels, label_img=label_img, tag=tag, global_step=step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        self._writer.add_text(tag, text, global_step=step)
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -90,3 +97,47 @@ class TensorBoard:
 def make_board(info: DistInfo, logdir: str | Path) -> Board:
     """A real board on rank 0, a null one on every other rank."""
     return TensorBoard(logdir) if info.is_main else NullBoard()
+
+
+# ----------------------------------------------------------------------------- image grids (retrieval results)
+
+CORRECT = (40, 170, 60)  # border of a result with the query's label
+WRONG = (210, 40, 40)  # border of a result with another label
+QUERY = (90, 90, 90)  # border of the query itself
+
+
+def thumbnail(image: Any, size: int, border: tuple[int, int, int] | None = None, width: int = 3) -> np.ndarray:
+    """A size x size x 3 uint8 tile of a PIL image or an H x W (x 3) array, with an optional border."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    tile = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+    if border is not None:
+        tile[:width, :], tile[-width:, :], tile[:, :width], tile[:, -width:] = border, border, border, border
+    return tile
+
+
+def grid(rows: list[list[np.ndarray]], gap: int = 4, background: int = 255) -> np.ndarray:
+    """Tiles (all the same size) laid out row by row on a background, H x W x 3 uint8."""
+    if not rows or not any(rows):
+        raise ValueError("an image grid needs at least one tile")
+    h, w = next(t for r in rows for t in r).shape[:2]
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + gap) + gap, cols * (w + gap) + gap, 3), background, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            y, x = gap + i * (h + gap), gap + j * (w + gap)
+            out[y:y + h, x:x + w] = tile
+    return out
+
+
+def retrieval_rows(query_images: list[Any], result_images: list[list[Any]], correct: list[list[bool]],
+                   size: int = 64) -> list[list[np.ndarray]]:
+    """One row per query: the query (grey border), then its results (green: same label, red: not)."""
+    rows = []
+    for query, results, hits in zip(query_images, result_images, correct):
+        row = [thumbnail(query, size, QUERY)]
+        row += [thumbnail(img, size, CORRECT if hit else WRONG) for img, hit in zip(results, hits)]
+        rows.append(row)
+    return rows

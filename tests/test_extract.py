@@ -28,7 +28,7 @@ def test_three_ranks_cover_every_key_once_and_match_one_process(tmp_path):
     assert feats.keys.tolist() == split.keys.tolist()  # each key once, in split order
     assert np.array_equal(feats.labels, split.labels)
     parts = sorted(p.name for p in RunDir(cfg.run_dir).features("query").glob("part-*"))
-    assert parts == [f"part-{r:05d}-of-00003.npz" for r in range(3)]
+    assert parts == sorted(f"part-{r:05d}-of-00003.{ext}" for r in range(3) for ext in ("npy", "npz"))
 
     single = tiny_config(tmp_path / "d", tmp_path, "one", extract__checkpoint="init", extract__splits=["query"])
     extract.run(single, RunDir(single.run_dir), DistInfo())
@@ -42,9 +42,11 @@ def test_interrupted_extraction_redoes_only_missing_parts(tmp_path):
     run_ranks(extract_rank, 2, cfg)
     out = RunDir(cfg.run_dir).features("query")
     (out / "manifest.json").unlink()  # as if the job died after part 0 was written
-    (out / "part-00001-of-00002.npz").unlink()
-    kept = (out / "part-00000-of-00002.npz").stat().st_mtime_ns
+    (out / "part-00001-of-00002.npz").unlink()  # rank 1 died between its embeddings and its keys
+    kept = (out / "part-00000-of-00002.npy").stat().st_mtime_ns
+    redone = (out / "part-00001-of-00002.npy").stat().st_mtime_ns
     run_ranks(extract_rank, 2, cfg)
-    assert (out / "part-00000-of-00002.npz").stat().st_mtime_ns == kept
+    assert (out / "part-00000-of-00002.npy").stat().st_mtime_ns == kept
+    assert (out / "part-00001-of-00002.npy").stat().st_mtime_ns != redone
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 15
     assert len(extract.load_features(RunDir(cfg.run_dir), "query").keys) == 15
