@@ -96,7 +96,7 @@ def sources(args: Any) -> list[SplitSource]:
         raise ValueError(f"{src} holds no images in class folders (ROOT/<class>/*.jpg|jpeg|png|webp)")
     label = {c: i for i, c in enumerate(names)}
     info = {"source": str(src.resolve()), "image_format": "original bytes (jpg, png, webp)",
-            "splits_from": "folders" if folders else "ratios", "split": None if folders else (ratios or DEFAULT_SPLIT),
+            "splits_from": "folders" if folders else "ratios", "split_ratios": None if folders else (ratios or DEFAULT_SPLIT),
             "seed": None if folders else seed}
     if ignored:  # not in info: an added README must not make a rerun rewrite every shard
         print(f"folder: ignored {ignored} files that are not .jpg/.jpeg/.png/.webp images")

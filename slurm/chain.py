@@ -22,7 +22,7 @@ from imret.config import ExperimentConfig
 from imret.pipeline import Stage, pending
 from imret.rundir import RunDir, atomic_write_json
 from slurm.executors import make_executor
-from slurm.jobs import StageJob
+from slurm.jobs import ShardJob, StageJob
 from slurm.state import slurm_state
 
 
@@ -74,6 +74,8 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
     submitted: list[tuple[submitit.Job[Any], Submitted]] = []
     previous = after
     for stage in todo:
+        if stage.name == "evaluate" and mode == "slurm" and cfg.evaluate.db_shards > 1:
+            previous = submit_shard_arrays(cfg, config_path, previous)
         dependency = f"afterok:{previous}" if (mode == "slurm" and previous) else None
         job, entry = submit_stage(cfg, stage, mode, config_path, dependency)
         submitted.append((job, entry))
@@ -86,6 +88,36 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
         for job, entry in submitted:
             wait_for(job, entry)
     return [entry for _, entry in submitted]
+
+
+def submit_shard_arrays(cfg: ExperimentConfig, config_path: Path, after: str | None) -> str:
+    """A sharded evaluation on SLURM: the database search as arrays of ``evaluate.db_shards`` tasks.
+
+    Pass 1 (``search``): task i searches every query against database shard i. Pass 2
+    (``count``, only for the full-ranking ``map``): after the whole of pass 1, task i counts
+    shard i's negatives above each query's positives. The evaluate job that follows
+    merges the shard files (``imret.evaluate.merge_shards``). Returns the last array's id.
+    """
+    from imret.evaluate import needs_count_pass
+
+    run = RunDir(cfg.run_dir)
+    n = cfg.evaluate.db_shards
+    previous = after
+    for kind in ("search", "count") if needs_count_pass(cfg) else ("search",):
+        dependency = f"afterok:{previous}" if previous else None
+        executor, shape = make_executor(cfg, "evaluate", "slurm", run.jobs / "%j", dependency)
+        executor.update_parameters(name=f"{cfg.name}:evaluate-{kind}",
+                                   slurm_array_parallelism=n)
+        with executor.batch():
+            jobs = [executor.submit(ShardJob(str(config_path.resolve()), kind, i, n)) for i in range(n)]
+        for job in jobs:
+            record(run, Submitted(f"evaluate-{kind}", str(job.job_id), "slurm", shape.ranks, str(job.paths.stdout),
+                                  str(job.paths.stderr), time.strftime("%Y-%m-%d %H:%M:%S")))
+        previous = str(jobs[0].job_id).split("_")[0]
+        print(f"{cfg.name}: evaluate-{kind}: submitted array {previous} of {n} database shard task(s)"
+              + (f", after {dependency.split(':', 1)[1]}" if dependency else ""), flush=True)
+    assert previous is not None
+    return previous
 
 
 def submit_sweep(configs: list[tuple[ExperimentConfig, Path]], mode: str, log_dir: Path,

@@ -481,6 +481,7 @@ def test_folder_seeded_split(tmp_path):
         assert g["label"] == sorted(layout).index(g["class"]) and g["meta"]["class"] == g["class"]
         assert g["image"] == made[rel].read_bytes()
         assert g["ext"] == {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}[rel.rsplit(".", 1)[1].lower()]
+    assert read_split(out, "train")[0]["split"] == "train" and read_split(out, "test")[0]["split_ratios"] == "train=0.6,test=0.4"
     for split in (train, test):  # ordered by class, then path
         order = [(g["label"], g["meta"]["path"]) for g in split]
         assert order == sorted(order)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,103 @@ def test_lr_find_plots_and_suggests(demo, capsys, tmp_path):
     assert "tested 12 learning rates from 1.00e-07" in printed and f"plot: {out}" in printed
     assert "no suggestion: it needs at least 17 points" in printed
     assert valid_png(out)[0] > 100
+
+
+def test_tensorboard_holds_the_retrieval_grid_projector_and_hparams(demo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(demo["run"] / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "eval/top_k" in acc.Tags()["images"]
+    top_k = acc.Images("eval/top_k")[-1]
+    assert top_k.width > 8 * 64 and top_k.height > 64  # 8 queries x (query + 8 results) tiles of 64 px
+    projector = (demo["run"] / "tb" / "projector_config.pbtxt").read_text()
+    assert 'tensor_name: "database' in projector and "sprite" in projector
+    hparams = {}
+    for root, _, files in os.walk(demo["run"] / "tb"):
+        for name in files:
+            if name.startswith("events.out"):
+                sub = EventAccumulator(os.path.join(root, name))
+                sub.Reload()
+                try:
+                    contents = sub.PluginTagToContent("hparams")
+                except KeyError:  # an event file without hparams (the scalars' own)
+                    continue
+                for content in contents.values():
+                    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+                    if data.HasField("session_start_info"):
+                        hparams = dict(data.session_start_info.hparams)
+    assert hparams["backbone"].string_value == "resnet18" and hparams["embed_dim"].number_value == 64
+
+
+def test_gather_tabulates_the_runs(demo, capsys, tmp_path):
+    from tools.gather import main as gather
+
+    assert gather(["--exp", "*", "--runs-root", str(demo["tmp"] / "runs"), "--csv", str(tmp_path / "t.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    rows = {line.split()[0]: line.split() for line in lines[1:3]}
+    assert header[:3] == ["run", "map", "map@R"] and set(rows) == {"digits_demo", "init"}
+    for name, cells in rows.items():
+        results = json.loads((demo["tmp"] / "runs" / name / "eval" / "results.json").read_text())
+        assert float(cells[header.index("map")]) == pytest.approx(results["map"], abs=6e-5)
+        assert float(cells[header.index("recall@1")]) == pytest.approx(results["recall@1"], abs=6e-5)
+    assert (tmp_path / "t.csv").read_text().startswith("run,map,map@R")
+    assert gather(["--exp", "nope*", "--runs-root", str(demo["tmp"] / "runs")]) == 2
+    assert "no run under" in capsys.readouterr().err
+
+
+def test_query_finds_a_database_image_as_its_own_nearest_neighbour(demo, capsys, tmp_path):
+    from imret.data.loader import decode_image
+    from imret.data.shards import ShardSplit
+    from tools.query import main as query
+
+    database = ShardSplit(demo["tmp"] / "digits", "database")
+    picks = [3, 200]
+    for i in picks:
+        decode_image(database, i).save(tmp_path / f"item{i}.png")
+    grid_png = tmp_path / "grid.png"
+    assert query(["--exp", "digits_demo", "--runs-root", str(demo["tmp"] / "runs"), "-k", "4",
+                  str(tmp_path / "item3.png"), str(tmp_path / "item200.png"), "--grid", str(grid_png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    firsts = [out[i + 2].split() for i, line in enumerate(out) if line.endswith(".png:")]
+    for i, first in zip(picks, firsts):
+        rank, score, _label, key = first[:4]
+        assert rank == "1" and key == database.keys[i] and float(score) == pytest.approx(1.0, abs=1e-3)
+    assert valid_png(grid_png)[0] > 4 * 96
+    assert query(["--exp", "digits_demo", "--runs-root", str(demo["tmp"] / "runs"), str(tmp_path / "none.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_show_topk_and_roc_draw_pngs_that_agree_with_the_results(demo, capsys, tmp_path):
+    import numpy as np
+
+    from tools.roc import main as roc
+    from tools.show_topk import main as show_topk
+
+    runs = str(demo["tmp"] / "runs")
+    assert show_topk(["--exp", "digits_demo", "--runs-root", runs, "--query-index", "7", "-k", "5",
+                      "--out", str(tmp_path / "top.png")]) == 0
+    listed = capsys.readouterr().out.splitlines()[1:6]
+    with np.load(demo["run"] / "eval" / "neighbours.npz") as z:
+        row = int(np.flatnonzero(z["queries"] == 7)[0])
+        expected = z["scores"][row, :5]
+    assert [float(line.split()[1]) for line in listed] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert valid_png(tmp_path / "top.png") == (6 * 96 + 7 * 4, 96 + 2 * 4)
+    # a database item as the query: never itself among its results, the rest by descending score
+    assert show_topk(["--exp", "digits_demo", "--runs-root", runs, "--split", "database", "--query-index", "3",
+                      "-k", "4", "--out", str(tmp_path / "db.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    own_key = lines[0].split("(")[1].split(",")[0]
+    listed = [line.split() for line in lines[1:5]]
+    assert own_key not in {cells[3] for cells in listed} and len(listed) == 4
+    assert [float(c[1]) for c in listed] == sorted((float(c[1]) for c in listed), reverse=True)
+
+    results = json.loads((demo["run"] / "eval" / "results.json").read_text())
+    assert 0.5 < results["roc_auc"] <= 1 and results["cos_sim_pos"] > results["cos_sim_neg"]
+    assert roc(["--exp", "digits_demo", "--exp", "init", "--runs-root", runs, "--out", str(tmp_path / "roc.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"digits_demo: AUC {results['roc_auc']:.4f}" in printed
+    assert valid_png(tmp_path / "roc.png")[0] >= 500
+    assert roc(["--exp", "missing", "--runs-root", runs]) == 2

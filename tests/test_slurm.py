@@ -127,18 +127,37 @@ def test_a_chain_is_submitted_at_once_skipped_when_done_and_stops_at_a_failure(s
     entries["tiny_sweep"].pop("sweep")
     experiments.write_text(yaml.safe_dump(entries))
     common = ["--experiments", str(experiments), "--exp", "tiny_sweep", "--cluster", "slurm",
-              "--set", f"run.root={tmp_path}/runs"]
+              "--set", "evaluate.db_shards=2", "--set", f"run.root={tmp_path}/runs"]
     assert submit(common) == 0
     out = capsys.readouterr().out
     train_id = re.search(r"train: submitted job (\d+)", out).group(1)
-    assert "extract: submitted job" in out and f"after {train_id}" in out  # all three queued at once
+    extract_id = re.search(r"extract: submitted job (\d+)", out).group(1)
+    assert f"after {train_id}" in out  # all stages queued at once
+    # the database search as two arrays of two tasks (pass 1 search, pass 2 counts for map)
+    search_id = re.search(rf"evaluate-search: submitted array (\d+) of 2 .*after {extract_id}", out).group(1)
+    count_id = re.search(rf"evaluate-count: submitted array (\d+) of 2 .*after {search_id}", out).group(1)
+    assert re.search(rf"evaluate: submitted job \d+ .*after {count_id}", out)
     run = RunDir(tmp_path / "runs" / "tiny_sweep")
     assert wait_until(lambda: run.is_done("evaluate"), 600)
+    results = json.loads(run.results.read_text())
+    assert results["meta"]["db_shards"] == 2 and "over 2 database shards" in results["meta"]["ranking"]
+    assert sorted(p.name for p in (run.eval / "shards").iterdir()) == [
+        "count-0000-of-0002.npz", "count-0001-of-0002.npz", "topk-0000-of-0002.npz", "topk-0001-of-0002.npz"]
+    # the merged result is the unsharded one
+    from imret.config import load_yaml
+    from imret.evaluate import evaluate
+    from imret.extract import load_features
+
+    cfg = load_yaml(run.config)
+    q, db = load_features(run, cfg.evaluate.query), load_features(run, cfg.evaluate.database)
+    whole = evaluate(q.embeddings, q.labels, db.embeddings, db.labels, ["map", "recall@1"]).results()
+    assert results["map"] == pytest.approx(whole["map"], abs=1e-6)
+    assert results["recall@1"] == whole["recall@1"]
 
     assert submit(common) == 0
     out = capsys.readouterr().out
     assert all(f"{stage}: already done" in out for stage in ("train", "extract", "evaluate"))
-    assert len(json.loads((run.jobs / "submissions.json").read_text())) == 3  # nothing new was submitted
+    assert len(json.loads((run.jobs / "submissions.json").read_text())) == 7  # nothing new was submitted
 
     broken = common[:-1] + [f"run.root={tmp_path}/broken", "--set", "extract.checkpoint=epoch-99"]
     assert submit(broken) == 0
