@@ -167,15 +167,29 @@ def _drop_own(scores: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> t
 
 
 def sort_lists(neigh: Neighbours) -> Neighbours:
-    """Order each row by descending score, equal scores by ascending id, padding last."""
+    """Order each row by descending score, equal scores by ascending id, padding last.
+
+    Lists straight from FAISS are already in score order, so only the rows that are
+    out of order (a tie group with ids not ascending, or a concatenation of shards'
+    lists) are sorted: by id, then stably by descending score, row by row.
+    """
     n, k = neigh.ids.shape
-    if k == 0:
+    if k < 2:
         return neigh
-    ids_key = np.where(neigh.ids >= 0, neigh.ids, np.iinfo(np.int64).max)
-    rows = np.repeat(np.arange(n), k)
-    order = np.lexsort((ids_key.ravel(), -neigh.scores.ravel().astype(np.float64), rows)).reshape(n, k)
-    return Neighbours(np.take_along_axis(neigh.scores, order - np.arange(n)[:, None] * k, 1),
-                      np.take_along_axis(neigh.ids, order - np.arange(n)[:, None] * k, 1))
+    scores, ids = neigh.scores, neigh.ids
+    ids_key = np.where(ids >= 0, ids, np.iinfo(np.int64).max)
+    later_higher = scores[:, 1:] > scores[:, :-1]
+    tie_out_of_order = (scores[:, 1:] == scores[:, :-1]) & (ids_key[:, 1:] < ids_key[:, :-1])
+    rows = np.flatnonzero((later_higher | tie_out_of_order).any(axis=1))
+    if not len(rows):
+        return neigh
+    by_id = np.argsort(ids_key[rows], axis=1, kind="stable")
+    neg = -np.take_along_axis(scores[rows], by_id, 1).astype(np.float64)  # -inf padding sorts last
+    order = np.take_along_axis(by_id, np.argsort(neg, axis=1, kind="stable"), 1)
+    out_s, out_i = scores.copy(), ids.copy()
+    out_s[rows] = np.take_along_axis(scores[rows], order, 1)
+    out_i[rows] = np.take_along_axis(ids[rows], order, 1)
+    return Neighbours(out_s, out_i)
 
 
 def merge_topk(parts: Sequence[Neighbours], k: int) -> Neighbours:
