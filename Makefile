@@ -29,7 +29,7 @@ demo: shards
 	$(PY) launch/submit.py --exp digits_demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean-runs:
 	rm -rf runs

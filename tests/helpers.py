@@ -77,3 +77,26 @@ def write_tiny_split(root: Path, split: str, items: list[tuple], num_classes: in
                      shard_bytes: int = 1 << 30) -> dict[str, Any]:
     source = SplitSource(split, [str(c) for c in range(num_classes)], items, encode_png, {"source": "test"})
     return write_split(source, root, dataset="tiny", converter_version=1, shard_bytes=shard_bytes, progress=False)
+
+
+def gather_table(runs_root: Path, pattern: str, capsys: Any) -> dict[str, dict[str, str]]:
+    """``tools/gather.py --exp PATTERN`` as {run: {column: cell}}, read from what it prints."""
+    from tools.gather import main as gather
+
+    capsys.readouterr()
+    assert gather(["--exp", pattern, "--runs-root", str(runs_root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    return {cells[0]: dict(zip(header, cells)) for cells in (line.split() for line in lines[1:])}
+
+
+def check_gathered(runs_root: Path, table: dict[str, dict[str, str]], keys: tuple[str, ...]) -> None:
+    """Every gathered cell equals the run's own results.json (to the 4 printed decimals)."""
+    import json
+
+    import pytest
+
+    for name, row in table.items():
+        results = json.loads((runs_root / name / "eval" / "results.json").read_text())
+        for key in keys:
+            assert float(row[key]) == pytest.approx(results[key], abs=6e-5), (name, key)

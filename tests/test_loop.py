@@ -13,6 +13,7 @@ from PIL import Image
 from imret.data.labels import LABELLED, SELECTED, UNSELECTED, load_sidecar
 from imret.rundir import RunDir
 from launch.submit import main as submit
+from tests.helpers import check_gathered, gather_table
 
 SHRINK = ["--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "data.samples_per_class=2",
           "--set", "data.num_workers=0", "--set", "extract.num_workers=0", "--set", "model.backbone=test_vit",
@@ -94,6 +95,10 @@ def test_digits_loop_runs_iter0_to_iter2_locally(digits_loop, capsys):
         assert json.loads(run.results.read_text())["map"] > 0.3
         cluster = json.loads((run.cluster / "results.json").read_text())
         assert cluster["selected"] > 0 and cluster["pairwise_f"] > 0.4
+    table = gather_table(digits_loop / "runs", "digits_loop_iter*", capsys)  # the loop's progress in one table
+    assert sorted(table) == [f"digits_loop_iter{i}" for i in range(3)]
+    check_gathered(digits_loop / "runs", table, ("map", "recall@1"))
+    assert all(int(row["cluster/selected"]) > 0 for row in table.values())
     iter1 = RunDir(digits_loop / "runs" / "digits_loop_iter1")
     assert "initialised from digits_loop_iter0" in (iter1.jobs / next(
         e["job_id"] for e in json.loads((iter1.jobs / "submissions.json").read_text()) if e["stage"] == "train"

@@ -17,6 +17,7 @@ import pytest
 
 from launch.submit import main as submit
 from shards.write import main as write_shards
+from tests.helpers import check_gathered, gather_table
 from tests.test_converters import make_cifar, make_sketchy, save_image
 from tests.test_demo import valid_png
 
@@ -108,22 +109,11 @@ def test_sketchy_twin_trains_on_triples_and_reports_the_seeds_metrics(seeds, tmp
     assert valid_png(run / "eval" / "roc.png")[0] >= 500
 
 
-def gathered(runs: Path, capsys) -> dict[str, dict[str, str]]:
-    from tools.gather import main as gather
-
-    capsys.readouterr()
-    assert gather(["--exp", "cbir_tiny/*", "--runs-root", str(runs)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    header = lines[0].split()
-    return {cells[0]: dict(zip(header, cells)) for cells in (line.split() for line in lines[1:])}
-
-
 def check_table(runs: Path, table: dict[str, dict[str, str]]) -> None:
-    for name, row in table.items():
-        results = json.loads((runs / name / "eval" / "results.json").read_text())
-        assert results["meta"]["sampled_queries"] and results["meta"]["num_queries"] == 4
-        for key in ("map@3", "map", "precision@1"):
-            assert float(row[key]) == pytest.approx(results[key], abs=6e-5)
+    check_gathered(runs, table, ("map@3", "map", "precision@1"))
+    for name in table:  # the seed's "mAP of r retrievals over t random test queries"
+        meta = json.loads((runs / name / "eval" / "results.json").read_text())["meta"]
+        assert meta["sampled_queries"] and meta["num_queries"] == 4
 
 
 POINTS = ["root=cat_a_terms=angular45", "root=cat_a_terms=triplet02", "root=cat_b_terms=angular45",
@@ -133,7 +123,7 @@ POINTS = ["root=cat_a_terms=angular45", "root=cat_a_terms=triplet02", "root=cat_
 def test_cbir_twin_sweep_runs_through_the_local_executor(seeds, tmp_path, capsys):
     only = POINTS[1:3]  # a named subset of the grid: one catalogue each, one loss each
     assert run_twin(seeds, "cbir_tiny", tmp_path, "--cluster", "local", "--only", *only) == 0
-    table = gathered(tmp_path, capsys)
+    table = gather_table(tmp_path, "cbir_tiny/*", capsys)
     assert sorted(table) == [f"cbir_tiny/{p}" for p in only]
     check_table(tmp_path, table)
     cfg = (tmp_path / "cbir_tiny" / POINTS[2] / "config.yaml").read_text()
@@ -152,7 +142,7 @@ def test_cbir_twin_sweep_runs_as_one_slurm_array(slurm_cluster, seeds, tmp_path,
     assert wait_until(lambda: all((r / "evaluate.done").exists() for r in runs), 600)
     shown = subprocess.run(["scontrol", "show", "job", f"{arrays[0][1]}_3"], capture_output=True, text=True).stdout
     assert f"ArrayJobId={arrays[0][1]}" in shown and "ArrayTaskId=3" in shown
-    table = gathered(tmp_path, capsys)
+    table = gather_table(tmp_path, "cbir_tiny/*", capsys)
     assert sorted(table) == [f"cbir_tiny/{p}" for p in POINTS]
     check_table(tmp_path, table)
     maps = {name: float(row["map"]) for name, row in table.items()}

@@ -21,6 +21,7 @@ from imret.rundir import RunDir
 from launch.submit import main as submit
 from slurm.chain import submit_stage
 from slurm.state import slurm_state
+from tests.helpers import check_gathered, gather_table
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slurm
@@ -103,7 +104,7 @@ def sweep_experiments(tmp_path: Path, data: Path) -> Path:
     return path
 
 
-def test_a_sweep_runs_as_one_array(slurm_cluster, tiny_data, tmp_path):
+def test_a_sweep_runs_as_one_array(slurm_cluster, tiny_data, tmp_path, capsys):
     experiments = sweep_experiments(tmp_path, tiny_data)
     assert submit(["--experiments", str(experiments), "--exp", "tiny_sweep", "--cluster", "slurm",
                    "--set", f"run.root={tmp_path}/runs"]) == 0
@@ -118,6 +119,9 @@ def test_a_sweep_runs_as_one_array(slurm_cluster, tiny_data, tmp_path):
         assert f"ArrayJobId={array.pop()}" in shown and "ArrayTaskId=" in shown
     for point in points:
         assert set(json.loads(point.results.read_text())) >= {"map", "recall@1"}
+    table = gather_table(tmp_path / "runs", "tiny_sweep/*", capsys)
+    assert sorted(table) == ["tiny_sweep/lr=0.001", "tiny_sweep/lr=0.01", "tiny_sweep/slow"]
+    check_gathered(tmp_path / "runs", table, ("map", "recall@1"))
 
 
 def test_a_chain_is_submitted_at_once_skipped_when_done_and_stops_at_a_failure(slurm_cluster, tiny_data, tmp_path,
@@ -246,3 +250,6 @@ def test_the_digits_loop_runs_as_one_dependency_chain(slurm_cluster, tmp_path, c
         run = RunDir(tmp_path / "runs" / f"digits_loop_iter{i}")
         assert json.loads(run.results.read_text())["map"] > 0.3
         assert json.loads((run.cluster / "results.json").read_text())["selected"] > 0
+    table = gather_table(tmp_path / "runs", "digits_loop_iter*", capsys)
+    assert sorted(table) == [f"digits_loop_iter{i}" for i in range(3)]
+    check_gathered(tmp_path / "runs", table, ("map", "recall@1"))
