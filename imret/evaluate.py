@@ -442,20 +442,22 @@ def _is_current(path: Path, cfg: ExperimentConfig) -> bool:
         return str(z["config_digest"]) == cfg.digest()
 
 
-def search_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: int) -> Path:
+def search_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: int,
+                setup: _ShardSetup | None = None) -> Path:
     """Pass 1 of array task ``task_index`` of ``num_tasks``: every query against database shard i.
 
     Reads only the shard's rows of the database (memory-mapped), and writes
     ``eval/shards/topk-<i>-of-<n>.npz``: the shard's top-k (scores, global ids); when
     ``map`` is asked for, each query's scores against the shard's positives; and the
     similarities of the sampled pairs whose item is in the shard. A task whose file is
-    there (same config digest) is skipped.
+    there (same config digest) is skipped. ``setup``: the queries etc., when the caller
+    runs several tasks in one process and has them already.
     """
     _check_task(task_index, num_tasks)
     path = shard_path(run, "topk", task_index, num_tasks)
     if _is_current(path, cfg):
         return path
-    setup = _shard_setup(cfg, run)
+    setup = setup or _shard_setup(cfg, run)
     lo, hi = rank_range(len(setup.database_labels), task_index, num_tasks)
     part = load_feature_rows(run, setup.inp.database_split, lo, hi)
     if len(part.labels):
@@ -474,7 +476,8 @@ def search_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: 
     return path
 
 
-def count_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: int) -> Path:
+def count_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: int,
+               setup: _ShardSetup | None = None, thresholds: Csr | None = None) -> Path:
     """Pass 2 of array task i (only when ``needs_count_pass``; after every ``search_task``).
 
     Merges every shard's positive scores into each query's sorted thresholds and counts
@@ -484,8 +487,8 @@ def count_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: i
     path = shard_path(run, "count", task_index, num_tasks)
     if _is_current(path, cfg):
         return path
-    setup = _shard_setup(cfg, run)
-    thresholds = _thresholds(cfg, run, num_tasks)
+    setup = setup or _shard_setup(cfg, run)
+    thresholds = thresholds if thresholds is not None else _thresholds(_load_shards(cfg, run, "topk", num_tasks))
     lo, hi = rank_range(len(setup.database_labels), task_index, num_tasks)
     part = load_feature_rows(run, setup.inp.database_split, lo, hi)
     counts = negative_counts(setup.queries, setup.query_labels, part.embeddings, part.labels, thresholds)
@@ -507,8 +510,8 @@ def _load_shards(cfg: ExperimentConfig, run: RunDir, kind: str, num_tasks: int) 
     return out
 
 
-def _thresholds(cfg: ExperimentConfig, run: RunDir, num_tasks: int) -> Csr:
-    shards = _load_shards(cfg, run, "topk", num_tasks)
+def _thresholds(shards: list[dict[str, np.ndarray]]) -> Csr:
+    """Each query's positive scores over every shard, sorted: the thresholds of pass 2."""
     return Csr.merge_sorted([Csr.from_sizes(s["pos_sizes"], s["pos_values"]) for s in shards])
 
 
@@ -519,16 +522,17 @@ def merge_shards(cfg: ExperimentConfig, run: RunDir, info: DistInfo, run_missing
     (so that ``db_shards > 1`` also works without an array job).
     """
     n = cfg.evaluate.db_shards
+    setup = _shard_setup(cfg, run)
     if run_missing:
         for i in range(n):
-            search_task(cfg, run, i, n)
-        if needs_count_pass(cfg):
-            for i in range(n):
-                count_task(cfg, run, i, n)
-    setup = _shard_setup(cfg, run)
+            search_task(cfg, run, i, n, setup)
     shards = _load_shards(cfg, run, "topk", n)
+    thresholds = _thresholds(shards) if setup.plan.full else None
+    if run_missing and thresholds is not None:  # pass 2: full-ranking ranks
+        for i in range(n):
+            count_task(cfg, run, i, n, setup, thresholds)
     neigh = merge_topk([Neighbours(s["scores"], s["ids"]) for s in shards], setup.plan.k)
-    ranks, method = _merged_ranks(cfg, run, setup, neigh, n)
+    ranks, method = _merged_ranks(cfg, run, setup, neigh, thresholds)
     values = metric_lib.compute(ranks, setup.plan.rank_names) if ranks is not None else {}
     if setup.pairs is not None:
         similarity = np.empty(len(setup.pairs.query), np.float64)
@@ -541,13 +545,13 @@ def merge_shards(cfg: ExperimentConfig, run: RunDir, info: DistInfo, run_missing
 
 
 def _merged_ranks(cfg: ExperimentConfig, run: RunDir, setup: _ShardSetup, neigh: Neighbours,
-                  n: int) -> tuple[Ranks | None, str]:
+                  thresholds: Csr | None) -> tuple[Ranks | None, str]:
     plan = setup.plan
     if not plan.rank_names:
         return None, "none (pair metrics only)"
-    if plan.full:
-        thresholds = _thresholds(cfg, run, n)
-        negatives = np.sum([s["negatives"] for s in _load_shards(cfg, run, "count", n)], axis=0)
+    if thresholds is not None:
+        counts = _load_shards(cfg, run, "count", cfg.evaluate.db_shards)
+        negatives = np.sum([s["negatives"] for s in counts], axis=0)
         return ranks_from_counts(thresholds, negatives, plan.num_positives, plan.database_size), FULL_METHOD
     ranks = ranks_from_knn(neigh, setup.query_labels, setup.database_labels, exclude_self=plan.exclude_self)
     return ranks, f"faiss exact top-{neigh.ids.shape[1]} (ranks exact to depth {ranks.depth})"

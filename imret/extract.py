@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,41 +188,37 @@ def load_features(run: RunDir, split: str) -> Features:
 def load_feature_rows(run: RunDir, split: str, start: int, stop: int,
                       manifest: dict[str, Any] | None = None) -> Features:
     """Rows [start, stop) of a split: only the parts that overlap them are read, through mmap."""
-    manifest = manifest or read_manifest(run, split)
-    out = run.features(split)
-    embs, keys, labels = [], [], []
-    lo = 0
-    for name in manifest["parts"]:
-        meta = _part_meta(out / name)
-        hi = lo + len(meta["labels"])
+    def rows_in(lo: int, hi: int) -> slice | None:
         a, b = max(start, lo), min(stop, hi)
-        if a < b:
-            embs.append(np.asarray(_part_embeddings(out / name, manifest)[a - lo:b - lo], dtype=np.float32))
-            keys.append(meta["keys"][a - lo:b - lo])
-            labels.append(meta["labels"][a - lo:b - lo])
-        lo = hi
-    dim = int(manifest.get("dim", embs[0].shape[1] if embs else 0))
-    return Features(np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
-                    np.concatenate(keys) if keys else np.zeros(0, str),
-                    np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64), manifest)
+        return slice(a - lo, b - lo) if a < b else None
+    return _read_rows(run, split, manifest or read_manifest(run, split), rows_in)
 
 
 def load_feature_subset(run: RunDir, split: str, rows: np.ndarray) -> Features:
     """Arbitrary rows (ascending) of a split, read through mmap part by part."""
-    manifest = read_manifest(run, split)
+    def rows_in(lo: int, hi: int) -> np.ndarray | None:
+        local = rows[(rows >= lo) & (rows < hi)] - lo
+        return local if len(local) else None
+    return _read_rows(run, split, read_manifest(run, split), rows_in)
+
+
+def _read_rows(run: RunDir, split: str, manifest: dict[str, Any],
+               rows_in: Callable[[int, int], slice | np.ndarray | None]) -> Features:
+    """The rows ``rows_in(lo, hi)`` picks from each part (rows lo..hi of the split); parts it
+    picks nothing from are not opened (their sizes are in the manifest)."""
     out = run.features(split)
+    sizes = manifest.get("part_sizes") or [len(_part_meta(out / name)["labels"]) for name in manifest["parts"]]
     embs, keys, labels = [], [], []
     lo = 0
-    for name in manifest["parts"]:
-        meta = _part_meta(out / name)
-        hi = lo + len(meta["labels"])
-        local = rows[(rows >= lo) & (rows < hi)] - lo
-        if len(local):
+    for name, size in zip(manifest["parts"], sizes):
+        local = rows_in(lo, lo + size)
+        if local is not None:
+            meta = _part_meta(out / name)
             embs.append(np.asarray(_part_embeddings(out / name, manifest)[local], dtype=np.float32))
             keys.append(meta["keys"][local])
             labels.append(meta["labels"][local])
-        lo = hi
-    dim = int(manifest.get("dim", 0))
+        lo += size
+    dim = int(manifest.get("dim", embs[0].shape[1] if embs else 0))
     return Features(np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
                     np.concatenate(keys) if keys else np.zeros(0, str),
                     np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64), manifest)

@@ -48,13 +48,17 @@ def record(run: RunDir, entry: Submitted) -> None:
     atomic_write_json(path, entries)
 
 
+def new_entry(stage: str, job: submitit.Job[Any], mode: str, ranks: int) -> Submitted:
+    return Submitted(stage, str(job.job_id), mode, ranks, str(job.paths.stdout), str(job.paths.stderr),
+                     time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def submit_stage(cfg: ExperimentConfig, stage: Stage, mode: str, config_path: Path,
                  dependency: str | None = None) -> tuple[submitit.Job[Any], Submitted]:
     run = RunDir(cfg.run_dir)
     executor, shape = make_executor(cfg, stage.name, mode, run.jobs / "%j", dependency)
     job = executor.submit(StageJob(str(config_path.resolve()), stage.name, one_gpu_per_rank=stage.all_ranks))
-    entry = Submitted(stage.name, str(job.job_id), mode, shape.ranks, str(job.paths.stdout), str(job.paths.stderr),
-                      time.strftime("%Y-%m-%d %H:%M:%S"))
+    entry = new_entry(stage.name, job, mode, shape.ranks)
     record(run, entry)
     return job, entry
 
@@ -111,8 +115,7 @@ def submit_shard_arrays(cfg: ExperimentConfig, config_path: Path, after: str | N
         with executor.batch():
             jobs = [executor.submit(ShardJob(str(config_path.resolve()), kind, i, n)) for i in range(n)]
         for job in jobs:
-            record(run, Submitted(f"evaluate-{kind}", str(job.job_id), "slurm", shape.ranks, str(job.paths.stdout),
-                                  str(job.paths.stderr), time.strftime("%Y-%m-%d %H:%M:%S")))
+            record(run, new_entry(f"evaluate-{kind}", job, "slurm", shape.ranks))
         previous = str(jobs[0].job_id).split("_")[0]
         print(f"{cfg.name}: evaluate-{kind}: submitted array {previous} of {n} database shard task(s)"
               + (f", after {dependency.split(':', 1)[1]}" if dependency else ""), flush=True)
@@ -157,8 +160,7 @@ def _submit_array(members: list[tuple[ExperimentConfig, Path]], stage_name: str,
         jobs = [executor.submit(StageJob(str(path.resolve()), stage_name, stage.all_ranks)) for _, path in members]
     entries = []
     for (cfg, _), job in zip(members, jobs):
-        entry = Submitted(stage_name, str(job.job_id), mode, shape.ranks, str(job.paths.stdout),
-                          str(job.paths.stderr), time.strftime("%Y-%m-%d %H:%M:%S"))
+        entry = new_entry(stage_name, job, mode, shape.ranks)
         record(RunDir(cfg.run_dir), entry)
         entries.append(entry)
     array_id = str(jobs[0].job_id).split("_")[0]

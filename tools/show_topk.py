@@ -52,13 +52,13 @@ def neighbours_of(run: object, index: int, k: int) -> tuple[np.ndarray, np.ndarr
 
 def database_neighbours(run: object, split: str, index: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Item ``index`` of the database split against the rest of it, from the extracted features."""
-    from imret.extract import load_feature_subset, load_features
+    from imret.extract import load_features
     from imret.search import search_shard
 
     database = load_features(run, split)
     if not 0 <= index < len(database.labels):
         raise ValueError(f"--query-index {index}: the database split '{split}' has items 0..{len(database.labels) - 1}")
-    query = load_feature_subset(run, split, np.array([index])).embeddings
+    query = database.embeddings[index:index + 1]
     neigh = search_shard(query, database.embeddings, 0, min(k, len(database.labels) - 1), np.array([index]))
     keep = neigh.ids[0] >= 0
     return neigh.ids[0][keep], neigh.scores[0][keep]

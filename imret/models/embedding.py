@@ -41,7 +41,32 @@ def load_local_weights(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
-class EmbeddingNet(nn.Module):
+class FrozenBatchNorm(nn.Module):
+    """``model.batchnorm: frozen``: BatchNorm keeps its weights and running statistics.
+
+    Call ``freeze_batchnorm`` once every layer exists: the BatchNorm parameters stop
+    taking gradients, and ``train()`` leaves those layers in eval mode.
+    """
+
+    frozen_bn = False
+
+    def freeze_batchnorm(self, frozen: bool) -> None:
+        self.frozen_bn = frozen
+        for module in self._batchnorms() if frozen else []:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def _batchnorms(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
+        super().train(mode)
+        for module in self._batchnorms() if self.frozen_bn else []:
+            module.eval()
+        return self
+
+
+class EmbeddingNet(FrozenBatchNorm):
     """Maps images to L2-normalised embeddings."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -52,22 +77,7 @@ class EmbeddingNet(nn.Module):
         self.feature_dim = int(self.backbone.num_features)
         self.head = nn.Linear(self.feature_dim, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
         self.embed_dim = cfg.embed_dim or self.feature_dim
-        self.frozen_bn = cfg.batchnorm == "frozen"
-        if self.frozen_bn:
-            for module in self._batchnorms():
-                for p in module.parameters():
-                    p.requires_grad_(False)
-
-    def _batchnorms(self) -> list[nn.Module]:
-        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def train(self, mode: bool = True) -> EmbeddingNet:
-        """Frozen BatchNorm layers stay in eval mode (running statistics) while training."""
-        super().train(mode)
-        if self.frozen_bn:
-            for module in self._batchnorms():
-                module.eval()
-        return self
+        self.freeze_batchnorm(cfg.batchnorm == "frozen")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features as B x C x N (positions last), whatever layout timm returns."""

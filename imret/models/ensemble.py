@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imret.config import ModelConfig
-from imret.models.embedding import create_backbone
+from imret.models.embedding import FrozenBatchNorm, create_backbone
 from imret.models.pooling import Pool
 
 STEM = ("conv1", "bn1", "act1", "maxpool")
@@ -178,7 +178,7 @@ def random_copy(template: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- the model
 
 
-class EnsembleNet(nn.Module):
+class EnsembleNet(FrozenBatchNorm):
     """A shared ResNet trunk and E packed branches, each ending in a linear layer over M meta-classes."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -197,11 +197,7 @@ class EnsembleNet(nn.Module):
         self.head_bias = nn.Parameter(torch.empty(ens.branches, ens.meta_class_size))
         self._init_heads()
         self.embed_dim = ens.branches * ens.meta_class_size
-        self.frozen_bn = cfg.batchnorm == "frozen"
-        if self.frozen_bn:
-            for module in self._batchnorms():
-                for p in module.parameters():
-                    p.requires_grad_(False)
+        self.freeze_batchnorm(cfg.batchnorm == "frozen")
 
     def _init_heads(self) -> None:
         """Each branch's head as nn.Linear initialises it (fan-in = F, not E x M x F)."""
@@ -209,17 +205,6 @@ class EnsembleNet(nn.Module):
         for e in range(self.num_branches):
             nn.init.kaiming_uniform_(self.head_weight.data[e], a=math.sqrt(5))
         nn.init.uniform_(self.head_bias, -bound, bound)
-
-    def _batchnorms(self) -> list[nn.Module]:
-        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def train(self, mode: bool = True) -> EnsembleNet:
-        """Frozen BatchNorm layers stay in eval mode (running statistics) while training."""
-        super().train(mode)
-        if self.frozen_bn:
-            for module in self._batchnorms():
-                module.eval()
-        return self
 
     def branch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Every branch's pooled features, ``B x E x F``."""
