@@ -18,17 +18,14 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from imret import cluster  # noqa: E402
-from imret.config import ClusterConfig  # noqa: E402
+from imret.cluster.clustering import Clustering
+from imret.cluster.density import density_peaks
+from imret.metrics import quality
+from imret.config import ClusterConfig
 
 CHUNK = 100_000  # rows generated at a time: keeps float64 temporaries out of the peak
 
@@ -102,19 +99,19 @@ def run(args: argparse.Namespace) -> None:
     params = ClusterConfig(exact_below=args.exact_below, index=args.index, recall_sample=args.recall_sample,
                            levels=args.levels)
     t0 = time.perf_counter()
-    result = cluster.density_peaks(x, params)
+    result = density_peaks(x, params)
     total_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     sel = result.selected
-    q_sel = cluster.quality(result.labels[sel], truth[sel]) if sel.any() else {}
-    q_all = cluster.quality(result.labels, truth)
+    q_sel = quality(result.labels[sel], truth[sel]) if sel.any() else {}
+    q_all = quality(result.labels, truth)
     quality_s = time.perf_counter() - t0
     report(args, x, truth, result, q_sel, q_all,
            {"generate": gen_s, "total": total_s, "quality": quality_s, "rss_data": rss_data,
             "load_before": load_before, "load_after": os.getloadavg()[0]})
 
 
-def report(args: argparse.Namespace, x: np.ndarray, truth: np.ndarray, result: cluster.Clustering,
+def report(args: argparse.Namespace, x: np.ndarray, truth: np.ndarray, result: Clustering,
            q_sel: dict[str, float], q_all: dict[str, float], extra: dict[str, float]) -> None:
     info, n = result.info, len(truth)
     noise = truth >= args.clusters

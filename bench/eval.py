@@ -24,13 +24,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 FULL = ["map", "map@R", "r_precision", "precision@1", "recall@1", "recall@2", "recall@4", "recall@8"]
 R_FAMILY = ["map@R", "r_precision", "precision@1"]
@@ -139,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         t_floor4, _ = timed(lambda: floor(q, db4), args.rounds)
         t_full4, _ = timed(lambda: imret_eval(q, ql, db4, dl4, FULL), args.rounds)
         rows += [(f"(a) floor, database x 4 ({4 * args.database})", t_floor4, ""),
-                 (f"(b) imret full, database x 4", t_full4, f"{t_full4 / t_floor4:.2f} x floor")]
-    print(f"\n| method | seconds | ratio |\n|---|---|---|")
+                 ("(b) imret full, database x 4", t_full4, f"{t_full4 / t_floor4:.2f} x floor")]
+    print("\n| method | seconds | ratio |\n|---|---|---|")
     for name, t, ratio in rows:
         print(f"| {name} | {t:.2f} | {ratio} |")
     print("\nimret:", " ".join(f"{k} {v:.4f}" for k, v in ours.items()))

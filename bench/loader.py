@@ -19,14 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from shards.writer import Sample, SplitSource, write_split  # noqa: E402
+from shards.writer import Sample, SplitSource, write_split
 
 
 def make_images(folder: Path, num_images: int, classes: int, seed: int = 0) -> list[tuple[str, int, Path]]:

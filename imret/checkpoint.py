@@ -114,6 +114,12 @@ def find(run: RunDir, which: str) -> Path:
                      "Set train.keep_epoch_checkpoints=true to keep every epoch's.")
 
 
+def latest_step(run: RunDir) -> int:
+    """The step of the run's newest checkpoint (0 without one): where this run's scalars belong."""
+    latest = Checkpointer(run.ckpt).latest()
+    return int(read_meta(latest)["step"]) if latest else 0
+
+
 def model_weights(source: str | Path, runs_root: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint directory, a run directory (its last checkpoint) or a state file."""
     path = Path(source)
@@ -127,3 +133,13 @@ def model_weights(source: str | Path, runs_root: str | Path | None = None) -> di
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("model", state)
     raise ValueError(f"train.init_from: {source} is not a run, a checkpoint directory or a weights file")
+
+
+def load_init_weights(model: torch.nn.Module, source: str, runs_root: str) -> None:
+    """Start from another run's weights (the finetune iterations); heads of another shape are skipped."""
+    state = model_weights(source, runs_root)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    print(f"train: initialised from {source} ({len(usable)} tensors; not loaded: {', '.join(skipped) or 'none'})")

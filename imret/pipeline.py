@@ -1,10 +1,14 @@
-"""Stages and their graph: train -> extract -> evaluate (-> cluster).
+"""Stages and their graph: train -> extract -> evaluate (-> cluster): the one list of them.
 
-A stage is a function ``run(cfg, run_dir, dist_info) -> summary`` in its own module,
-imported only when it runs. ``run_stage`` is what every launcher ends in, on every
-rank: it joins the process group, skips the stage if its ``.done`` marker exists,
-runs it, and has rank 0 write the marker with the summary. ``slurm/`` decides where
-and how many processes run it; nothing here knows about SLURM.
+A stage is a function ``fn(cfg, run_dir, dist_info) -> summary`` in its own module,
+imported only when it runs; a stage may have array sub-stages (``ArrayStep``) that run
+as independent tasks before it, such as the database shards of a sharded evaluation.
+
+``run_stage`` is what every launcher ends in, on every rank: it joins the process
+group, skips the stage if its ``.done`` marker exists, runs it, and has rank 0 write
+the marker with the summary; ``run_array_task`` runs one task of a sub-stage.
+``slurm/`` decides where and how many processes run them; nothing here knows about
+SLURM.
 """
 
 from __future__ import annotations
@@ -12,28 +16,70 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from imret import distributed
-from imret.config import ExperimentConfig
+from imret.config import STAGE_ORDER, ExperimentConfig
 from imret.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class ArrayStep:
+    """An array sub-stage: ``tasks(cfg)`` independent tasks that run before the stage's own job.
+
+    ``target`` is called as ``fn(cfg, run, task_index, num_tasks)`` in each task; the
+    stage itself (its merge) runs once all of them are done. ``needed(cfg)`` says whether
+    this experiment runs the sub-stage at all.
+    """
+
+    name: str
+    target: str  # "module:function"
+    tasks: Callable[[ExperimentConfig], int]
+    needed: Callable[[ExperimentConfig], bool]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    target: str  # "module:function"
+    target: str  # "module:function", called as fn(cfg, run, dist_info) on every rank of the job
     all_ranks: bool  # True: runs on every rank of the job shape; False: one process
     needs: tuple[str, ...]  # stages of the same run that must be done first
+    arrays: tuple[ArrayStep, ...] = ()  # array sub-stages submitted before the stage's own job
+
+    def array_steps(self, cfg: ExperimentConfig) -> list[ArrayStep]:
+        """The sub-stages this experiment runs before this stage's job (in order)."""
+        return [step for step in self.arrays if step.needed(cfg)]
+
+
+def _sharded(cfg: ExperimentConfig) -> bool:
+    return cfg.evaluate.db_shards > 1
+
+
+def _db_shards(cfg: ExperimentConfig) -> int:
+    return cfg.evaluate.db_shards
 
 
 STAGES: dict[str, Stage] = {
-    "train": Stage("train", "imret.train:run", True, ()),
-    "extract": Stage("extract", "imret.extract:run", True, ("train",)),
-    "evaluate": Stage("evaluate", "imret.evaluate:run", False, ("extract",)),
-    "cluster": Stage("cluster", "imret.cluster:run", False, ("extract",)),
+    "train": Stage("train", "imret.train:train_stage", True, ()),
+    "extract": Stage("extract", "imret.extract:extract_stage", True, ("train",)),
+    "evaluate": Stage("evaluate", "imret.evaluate.stage:evaluate_stage", False, ("extract",), arrays=(
+        # pass 1: every query against one database shard; pass 2 (full-ranking map only):
+        # each shard's negatives above every positive. The evaluate job then merges.
+        ArrayStep("evaluate-search", "imret.evaluate.sharded:search_task", _db_shards, _sharded),
+        ArrayStep("evaluate-count", "imret.evaluate.sharded:count_task", _db_shards,
+                  lambda cfg: _sharded(cfg) and "map" in cfg.evaluate.metrics),
+    )),
+    "cluster": Stage("cluster", "imret.cluster.stage:cluster_stage", False, ("extract",)),
 }
+assert tuple(STAGES) == STAGE_ORDER, "imret.pipeline.STAGES must list the stages of imret.config.STAGE_ORDER"
+
+
+def load_target(target: str) -> Callable[..., Any]:
+    """The function a ``module:function`` target names (imported now, not before)."""
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def plan(cfg: ExperimentConfig) -> list[Stage]:
@@ -59,11 +105,10 @@ def run_stage(cfg: ExperimentConfig, stage: str, info: distributed.DistInfo | No
             print(f"{stage}: already done ({run.marker(stage)}), skipped", flush=True)
         return run.done_info(stage)
     _check_needs(cfg, run, stage)
-    module, _, fn = STAGES[stage].target.partition(":")
     started = time.time()
     if info.is_main:
         print(f"{stage}: starting on {info.world_size} rank(s), backend {info.backend}", flush=True)
-    summary = getattr(importlib.import_module(module), fn)(cfg, run, info)
+    summary = load_target(STAGES[stage].target)(cfg, run, info)
     distributed.barrier(info)
     if info.is_main:
         run.mark_done(stage, {"seconds": round(time.time() - started, 1), "world_size": info.world_size,
@@ -94,3 +139,17 @@ def _check_needs(cfg: ExperimentConfig, run: RunDir, stage: str) -> None:
     for need in STAGES[stage].needs:
         if need in cfg.stages and not run.is_done(need):
             raise RuntimeError(f"stage '{stage}' needs '{need}' of {run.root} to be done first ({run.marker(need)} is missing)")
+
+
+def run_array_task(cfg: ExperimentConfig, step: ArrayStep, task_index: int, num_tasks: int) -> Any:
+    """One task of an array sub-stage, in this process."""
+    return load_target(step.target)(cfg, RunDir(cfg.run_dir), task_index, num_tasks)
+
+
+def array_step(name: str) -> ArrayStep:
+    """The array sub-stage called ``name`` (e.g. ``evaluate-search``)."""
+    for stage in STAGES.values():
+        for step in stage.arrays:
+            if step.name == name:
+                return step
+    raise KeyError(f"no array sub-stage named {name!r}")

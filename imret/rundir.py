@@ -9,23 +9,43 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name in the same directory, then rename it into place."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file in the same directory, then rename it into place.
+
+    A reader (or a job killed mid-write and requeued) never sees half a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_npz(path: Path, **arrays: Any) -> None:
+    """``np.savez`` of ``arrays`` (uncompressed)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def atomic_write_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` of one array: a plain .npy, which a reader can memory-map."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 class RunDir:

@@ -113,7 +113,7 @@ class Training:
         self.data = TrainData(cfg, info)
         self.model = build_model(cfg.model)
         if cfg.train.init_from:
-            load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
+            ckpt_lib.load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
         self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes,
                                          self.data.labelled_classes)
         self.model.to(self.device)
@@ -173,16 +173,6 @@ class Training:
             self.checkpointer.save(self.state(), pos.global_step, meta)
 
 
-def load_init_weights(model: EmbeddingNet, source: str, runs_root: str) -> None:
-    """Start from another run's weights (the finetune iterations); heads of another shape are skipped."""
-    state = ckpt_lib.model_weights(source, runs_root)
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(own) - set(usable))
-    model.load_state_dict(usable, strict=False)
-    print(f"train: initialised from {source} ({len(usable)} tensors; not loaded: {', '.join(skipped) or 'none'})")
-
-
 def batches(training: Training) -> Iterator[tuple[int, int, Any]]:
     """(epoch, step, batch) from the saved position to the end of training."""
     pos = training.position
@@ -192,7 +182,8 @@ def batches(training: Training) -> Iterator[tuple[int, int, Any]]:
             yield epoch, step, batch
 
 
-def run(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str, Any]:
+def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str, Any]:
+    """The stage: train from the newest checkpoint (or from the start) to the end, on every rank."""
     training = Training(cfg, run, info)
     if training.resume():
         pos = training.position

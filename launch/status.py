@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from imret.config import ConfigError, Experiments  # noqa: E402
-from imret.rundir import RunDir  # noqa: E402
-from slurm.state import slurm_state  # noqa: E402
+from imret.config import ConfigError, Experiments
+from imret.rundir import RunDir
+from slurm.state import slurm_state
 
 HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable as a script from a checkout, installed or not
-    sys.path.insert(0, str(ROOT))
 
-from imret.config import ConfigError, Experiments, ExperimentConfig, save_yaml  # noqa: E402
+from imret import checks
+from imret.config import ConfigError, Experiments, ExperimentConfig, save_yaml
 
 HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.exp:
             raise ConfigError("name an experiment with --exp NAME (see --list)")
-        cfg = exps.resolve(args.exp, args.overrides)
+        cfg = checks.resolve(exps, args.exp, args.overrides)
         if cfg.sweep.grid or cfg.sweep.points:
             return _submit_sweep(cfg, exps, args)
         if args.only:
@@ -86,7 +85,7 @@ def upstream(exps: Experiments, cfg: ExperimentConfig, overrides: list[str],
     for name in dict.fromkeys(refs):
         if name in _seen:
             raise ConfigError(f"experiments form a cycle: {' -> '.join(_seen + (name,))}")
-        up = exps.resolve(name, overrides)
+        up = checks.resolve(exps, name, overrides)
         chain += upstream(exps, up, overrides, _seen + (cfg.name,)) + [up]
     unique: dict[str, ExperimentConfig] = {}
     for c in chain:
@@ -136,7 +135,7 @@ def _sweep_configs(cfg: ExperimentConfig, exps: Experiments, args: argparse.Name
 
     base = cfg.run.name or cfg.name
     points = select(expand(cfg.sweep), args.only)
-    return [exps.resolve(args.exp, [*args.overrides, *p.overrides, f"run.name={base}/{p.name}", "sweep={}"])
+    return [checks.resolve(exps, args.exp, [*args.overrides, *p.overrides, f"run.name={base}/{p.name}", "sweep={}"])
             for p in points]
 
 

@@ -22,7 +22,7 @@ from imret.config import ExperimentConfig
 from imret.pipeline import Stage, pending
 from imret.rundir import RunDir, atomic_write_json
 from slurm.executors import make_executor
-from slurm.jobs import ShardJob, StageJob
+from slurm.jobs import ArrayTaskJob, StageJob
 from slurm.state import slurm_state
 
 
@@ -78,8 +78,8 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
     submitted: list[tuple[submitit.Job[Any], Submitted]] = []
     previous = after
     for stage in todo:
-        if stage.name == "evaluate" and mode == "slurm" and cfg.evaluate.db_shards > 1:
-            previous = submit_shard_arrays(cfg, config_path, previous)
+        if mode == "slurm" and stage.array_steps(cfg):
+            previous = submit_array_steps(cfg, stage, config_path, previous)
         dependency = f"afterok:{previous}" if (mode == "slurm" and previous) else None
         job, entry = submit_stage(cfg, stage, mode, config_path, dependency)
         submitted.append((job, entry))
@@ -94,30 +94,26 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
     return [entry for _, entry in submitted]
 
 
-def submit_shard_arrays(cfg: ExperimentConfig, config_path: Path, after: str | None) -> str:
-    """A sharded evaluation on SLURM: the database search as arrays of ``evaluate.db_shards`` tasks.
+def submit_array_steps(cfg: ExperimentConfig, stage: Stage, config_path: Path, after: str | None) -> str:
+    """A stage's array sub-stages on SLURM, each an array after the one before (``afterok``).
 
-    Pass 1 (``search``): task i searches every query against database shard i. Pass 2
-    (``count``, only for the full-ranking ``map``): after the whole of pass 1, task i counts
-    shard i's negatives above each query's positives. The evaluate job that follows
-    merges the shard files (``imret.evaluate.merge_shards``). Returns the last array's id.
+    For a sharded evaluation these are ``evaluate-search`` (task i searches every query
+    against database shard i) and, for the full-ranking ``map``, ``evaluate-count``;
+    the stage's own job, submitted next, merges their files. Returns the last array's id.
     """
-    from imret.evaluate import needs_count_pass
-
     run = RunDir(cfg.run_dir)
-    n = cfg.evaluate.db_shards
     previous = after
-    for kind in ("search", "count") if needs_count_pass(cfg) else ("search",):
+    for step in stage.array_steps(cfg):
+        n = step.tasks(cfg)
         dependency = f"afterok:{previous}" if previous else None
-        executor, shape = make_executor(cfg, "evaluate", "slurm", run.jobs / "%j", dependency)
-        executor.update_parameters(name=f"{cfg.name}:evaluate-{kind}",
-                                   slurm_array_parallelism=n)
+        executor, shape = make_executor(cfg, stage.name, "slurm", run.jobs / "%j", dependency)
+        executor.update_parameters(name=f"{cfg.name}:{step.name}", slurm_array_parallelism=n)
         with executor.batch():
-            jobs = [executor.submit(ShardJob(str(config_path.resolve()), kind, i, n)) for i in range(n)]
+            jobs = [executor.submit(ArrayTaskJob(str(config_path.resolve()), step.name, i, n)) for i in range(n)]
         for job in jobs:
-            record(run, new_entry(f"evaluate-{kind}", job, "slurm", shape.ranks))
+            record(run, new_entry(step.name, job, "slurm", shape.ranks))
         previous = str(jobs[0].job_id).split("_")[0]
-        print(f"{cfg.name}: evaluate-{kind}: submitted array {previous} of {n} database shard task(s)"
+        print(f"{cfg.name}: {step.name}: submitted array {previous} of {n} task(s)"
               + (f", after {dependency.split(':', 1)[1]}" if dependency else ""), flush=True)
     assert previous is not None
     return previous

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from typing import Any
 
 import submitit
 
-from imret.config import ExperimentConfig, ResourcesConfig, stage_resources, tasks_per_node
+from imret.config import ExperimentConfig, ResourcesConfig
 from imret.pipeline import STAGES
 
 MODES = ("auto", "slurm", "local", "debug")
@@ -34,6 +36,24 @@ def resolve_mode(mode: str) -> str:
         raise ValueError("--cluster slurm: no SLURM controller answers (`scontrol ping` failed or sbatch is not on "
                          "PATH). Start one with `slurm/local_cluster.sh up`, or use --cluster local.")
     return mode
+
+
+def stage_resources(cfg: ExperimentConfig, stage: str) -> ResourcesConfig:
+    """The resources of one stage: the experiment's, with that stage's overrides applied."""
+    res = copy.deepcopy(cfg.resources)
+    override = res.stages.get(stage)
+    if override:
+        for f in dataclasses.fields(override):
+            value = getattr(override, f.name)
+            if value is not None:
+                setattr(res, f.name, value)
+    res.stages = {}
+    return res
+
+
+def tasks_per_node(res: ResourcesConfig) -> int:
+    """Ranks per node: one per GPU, else the configured number (1 by default)."""
+    return res.gpus_per_node or res.tasks_per_node or 1
 
 
 @dataclass

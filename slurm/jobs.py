@@ -58,27 +58,25 @@ class StageJob:
         return f"StageJob({self.stage}, {self.config_path})"
 
 
-class ShardJob:
-    """One array task of a sharded evaluation: ``kind`` is "search" (pass 1) or "count" (pass 2)."""
+class ArrayTaskJob:
+    """One task of an array sub-stage (``imret.pipeline.ArrayStep``), e.g. a database shard's search."""
 
-    def __init__(self, config_path: str, kind: str, task_index: int, num_tasks: int) -> None:
-        self.config_path, self.kind, self.task_index, self.num_tasks = config_path, kind, task_index, num_tasks
+    def __init__(self, config_path: str, step: str, task_index: int, num_tasks: int) -> None:
+        self.config_path, self.step, self.task_index, self.num_tasks = config_path, step, task_index, num_tasks
 
     def __call__(self) -> str:
         _log_allocation()
-        from imret import evaluate
         from imret.config import load_yaml
-        from imret.rundir import RunDir
+        from imret.pipeline import array_step, run_array_task
 
         cfg = load_yaml(self.config_path)
-        task = evaluate.search_task if self.kind == "search" else evaluate.count_task
-        path = task(cfg, RunDir(cfg.run_dir), self.task_index, self.num_tasks)
-        print(f"evaluate-{self.kind}: database shard {self.task_index + 1}/{self.num_tasks} -> {path}", flush=True)
-        return str(path)
+        out = run_array_task(cfg, array_step(self.step), self.task_index, self.num_tasks)
+        print(f"{self.step}: task {self.task_index + 1}/{self.num_tasks} -> {out}", flush=True)
+        return str(out)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(ShardJob(self.config_path, self.kind, self.task_index,
-                                                           self.num_tasks))
+        return submitit.helpers.DelayedSubmission(ArrayTaskJob(self.config_path, self.step, self.task_index,
+                                                               self.num_tasks))
 
 
 def _log_allocation() -> None:

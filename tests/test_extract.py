@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 
-from imret import extract
+from imret.extract import extract_stage
+from imret.features import load_features
 from imret.data.shards import ShardSplit
 from imret.distributed import DistInfo
 from imret.rundir import RunDir
@@ -15,7 +16,7 @@ from tests.test_train import tiny_config
 
 
 def extract_rank(info: DistInfo, cfg) -> None:
-    extract.run(cfg, RunDir(cfg.run_dir), info)
+    extract_stage(cfg, RunDir(cfg.run_dir), info)
 
 
 def test_three_ranks_cover_every_key_once_and_match_one_process(tmp_path):
@@ -23,7 +24,7 @@ def test_three_ranks_cover_every_key_once_and_match_one_process(tmp_path):
     cfg = tiny_config(tmp_path / "d", tmp_path, "three", extract__checkpoint="init", extract__batch_size=4,
                       extract__splits=["query"])
     run_ranks(extract_rank, 3, cfg)
-    feats = extract.load_features(RunDir(cfg.run_dir), "query")
+    feats = load_features(RunDir(cfg.run_dir), "query")
     split = ShardSplit(tmp_path / "d", "query")
     assert feats.keys.tolist() == split.keys.tolist()  # each key once, in split order
     assert np.array_equal(feats.labels, split.labels)
@@ -31,8 +32,8 @@ def test_three_ranks_cover_every_key_once_and_match_one_process(tmp_path):
     assert parts == sorted(f"part-{r:05d}-of-00003.{ext}" for r in range(3) for ext in ("npy", "npz"))
 
     single = tiny_config(tmp_path / "d", tmp_path, "one", extract__checkpoint="init", extract__splits=["query"])
-    extract.run(single, RunDir(single.run_dir), DistInfo())
-    np.testing.assert_allclose(extract.load_features(RunDir(single.run_dir), "query").embeddings,
+    extract_stage(single, RunDir(single.run_dir), DistInfo())
+    np.testing.assert_allclose(load_features(RunDir(single.run_dir), "query").embeddings,
                                feats.embeddings, atol=1e-5)
 
 
@@ -49,4 +50,4 @@ def test_interrupted_extraction_redoes_only_missing_parts(tmp_path):
     assert (out / "part-00000-of-00002.npy").stat().st_mtime_ns == kept
     assert (out / "part-00001-of-00002.npy").stat().st_mtime_ns != redone
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 15
-    assert len(extract.load_features(RunDir(cfg.run_dir), "query").keys) == 15
+    assert len(load_features(RunDir(cfg.run_dir), "query").keys) == 15

@@ -8,7 +8,8 @@ from sklearn.metrics import average_precision_score
 
 from imret import metrics
 from imret.metrics import compute, ranks_from_lists
-from imret.search import full_ranks, knn, ranks_from_knn
+from imret.search.knn import knn
+from imret.search.ranks import full_ranks, ranks_from_knn
 
 NAMES = ["map", "map@R", "map@2", "r_precision", "precision@1", "recall@1", "recall@2", "recall@4", "top3"]
 
@@ -149,7 +150,7 @@ def brute_counts(scores: np.ndarray, thresholds: np.ndarray, sizes: np.ndarray) 
 def test_count_at_least_is_exact(kind, bins):
     import torch
 
-    from imret.search import count_at_least
+    from imret.search.counting import count_at_least
 
     rng = np.random.default_rng(11)
     rows, n, width = 9, 500, 40

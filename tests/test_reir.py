@@ -165,6 +165,8 @@ def test_share_type_layer2_keeps_one_copy_of_the_shared_layers():
     ("none", []), ("maxpool", ["conv1", "bn1", "act1", "maxpool"]),
     ("layer4", ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]),
 ])
+
+
 def test_share_types_cut_the_resnet_where_they_say(share, shared_stages):
     model = build_model(ensemble_cfg(share_type=share))
     assert [name for name, _ in model.shared.named_children()] == shared_stages
@@ -178,6 +180,8 @@ def test_share_types_cut_the_resnet_where_they_say(share, shared_stages):
     ("resnet18", 12, 529_365_376), ("resnet18", 512, 541_677_376), ("resnet18", 192, 533_797_696),
     ("resnet50", 12, 1_118_974_592), ("resnext50_32x4d", 12, 1_094_093_696),
 ])
+
+
 def test_parameter_counts_match_the_seeds_published_ones(backbone, meta_classes, seed_count):
     # the seed's README lists these for E = 48 branches shared up to layer1
     cfg = ModelConfig(backbone=backbone, embed_dim=0, pool="avg",
@@ -253,6 +257,8 @@ def test_frozen_batchnorm_stays_in_eval_mode_in_the_ensemble():
     ({"backbone": "test_vit"}, "ResNet-family backbone"),
     ({"pool": "token"}, "pools feature maps"),
 ])
+
+
 def test_bad_ensemble_configs_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         build_model(dataclass_replace(ensemble_cfg(), **changes))
@@ -320,7 +326,7 @@ def test_two_gloo_ranks_train_the_ensemble_like_one_process(tiny_data, tmp_path)
     from tests.test_train import assert_same_weights, final_weights, initial, train_rank
 
     single = ensemble_train_config(tiny_data, tmp_path, "single")
-    train.run(single, RunDir(single.run_dir), DistInfo())
+    train.train_stage(single, RunDir(single.run_dir), DistInfo())
     multi = ensemble_train_config(tiny_data, tmp_path, "multi")
     weights = run_ranks(train_rank, 2, multi)[0]
     reference = final_weights(single)

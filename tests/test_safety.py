@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -52,7 +51,7 @@ def test_nan_loss_names_step_keys_and_the_intact_checkpoint(tiny_data, tmp_path)
     cfg = tiny_config(tiny_data, tmp_path, "nan", train__checkpoint_every=1,
                       loss__terms=[{"name": "tests.test_safety:NanOnThirdCall"}])
     with pytest.raises(NonFiniteLoss) as err:
-        train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+        train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
     message = str(err.value)
     last = checkpoint.Checkpointer(RunDir(cfg.run_dir).ckpt).latest()
     assert "the loss is nan at epoch 1, step 2 (global step 2)" in message

@@ -150,7 +150,7 @@ def test_a_chain_is_submitted_at_once_skipped_when_done_and_stops_at_a_failure(s
     # the merged result is the unsharded one
     from imret.config import load_yaml
     from imret.evaluate import evaluate
-    from imret.extract import load_features
+    from imret.features import load_features
 
     cfg = load_yaml(run.config)
     q, db = load_features(run, cfg.evaluate.query), load_features(run, cfg.evaluate.database)

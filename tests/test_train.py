@@ -36,7 +36,7 @@ def tiny_config(data_root: Path, runs: Path, name: str, **overrides: Any) -> Exp
 def train_rank(info: DistInfo, cfg: ExperimentConfig) -> dict[str, torch.Tensor] | None:
     from imret import train
 
-    train.run(cfg, RunDir(cfg.run_dir), info)
+    train.train_stage(cfg, RunDir(cfg.run_dir), info)
     return final_weights(cfg) if info.is_main else None
 
 
@@ -58,13 +58,15 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     (2, "test_vit", "train", "sgd", 1e-6), (4, "test_vit", "train", "sgd", 1e-6),
     (2, "test_resnet", "frozen", "sgd", 1e-6), (2, "test_vit", "train", "adamw", 1e-4),
 ])
+
+
 def test_n_ranks_update_like_one_process(tiny_data, tmp_path, world, backbone, bn, optim, atol):
     # 2 epochs x 5 steps with a cosine schedule and warm-up, two losses, a head lr multiplier
     shared = dict(model__backbone=backbone, model__batchnorm=bn, optim__name=optim)
     single = tiny_config(tiny_data, tmp_path, "single", **shared)
     from imret import train
 
-    train.run(single, RunDir(single.run_dir), DistInfo())
+    train.train_stage(single, RunDir(single.run_dir), DistInfo())
     multi = tiny_config(tiny_data, tmp_path, f"multi{world}", **shared)
     weights = run_ranks(train_rank, world, multi)[0]
     reference = final_weights(single)
@@ -83,16 +85,16 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path):
     from imret import train
 
     whole = tiny_config(tiny_data, tmp_path, "whole", train__checkpoint_every=2)
-    train.run(whole, RunDir(whole.run_dir), DistInfo())
+    train.train_stage(whole, RunDir(whole.run_dir), DistInfo())
 
     parts = tiny_config(tiny_data, tmp_path, "parts", train__checkpoint_every=2, train__max_steps=3)
-    train.run(parts, RunDir(parts.run_dir), DistInfo())  # stops mid-epoch 1 (a preemption would too)
+    train.train_stage(parts, RunDir(parts.run_dir), DistInfo())  # stops mid-epoch 1 (a preemption would too)
     meta = checkpoint.read_meta(checkpoint.Checkpointer(RunDir(parts.run_dir).ckpt).latest())
     assert meta["global_step"] == 3 and not meta["epoch_end"]
     resumed = tiny_config(tiny_data, tmp_path, "parts", train__checkpoint_every=2, train__max_steps=7)
-    train.run(resumed, RunDir(resumed.run_dir), DistInfo())  # crosses the epoch boundary
+    train.train_stage(resumed, RunDir(resumed.run_dir), DistInfo())  # crosses the epoch boundary
     finished = tiny_config(tiny_data, tmp_path, "parts", train__checkpoint_every=2)
-    train.run(finished, RunDir(finished.run_dir), DistInfo())
+    train.train_stage(finished, RunDir(finished.run_dir), DistInfo())
     assert_same_weights(final_weights(finished), final_weights(whole), atol=0.0)
     whole_state = checkpoint.load_state(checkpoint.Checkpointer(RunDir(whole.run_dir).ckpt).latest())
     parts_state = checkpoint.load_state(checkpoint.Checkpointer(RunDir(finished.run_dir).ckpt).latest())
@@ -104,7 +106,7 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tiny_data, tmp_path):
 
     cfg = tiny_config(tiny_data, tmp_path, "prune", train__checkpoint_every=1, train__keep_checkpoints=2,
                       train__keep_epoch_checkpoints=True)
-    train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+    train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
     saver = checkpoint.Checkpointer(RunDir(cfg.run_dir).ckpt)
     steps = [checkpoint.read_meta(p)["step"] for p in saver.valid()]
     assert steps == [5, 9, 10]  # the newest two, plus every epoch end
@@ -124,6 +126,8 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tiny_data, tmp_path):
     ("exponential", {"gamma": 0.9}, [1, 0.9, 0.81, 0.729]),
     ("cosine", {"min_lr": 0.0}, [1, 0.853553, 0.5, 0.146447]),
 ])
+
+
 def test_schedules(name, kwargs, expected):
     from imret.config import ScheduleConfig
     from imret.train import lr_factor
@@ -138,7 +142,7 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data, tm
     from imret import train
 
     cfg = tiny_config(tiny_data, tmp_path, "acc", optim__accumulate=2, train__epochs=1, optim__name="sgd")
-    train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+    train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
     state = checkpoint.load_state(checkpoint.Checkpointer(RunDir(cfg.run_dir).ckpt).latest())
     assert state["position"]["global_step"] == 5  # batches
     assert state["scheduler"]["last_epoch"] == 2  # optimizer steps: after batches 2 and 4
@@ -150,7 +154,7 @@ def test_gradient_clipping_bounds_the_update(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, "clip", optim__name="sgd", optim__lr=1.0, optim__momentum=0.0,
                       optim__weight_decay=0.0, optim__grad_clip=1e-3, optim__head_lr_mult=1.0,
                       schedule__name="constant", schedule__warmup_epochs=0.0, train__max_steps=1)
-    train.run(cfg, RunDir(cfg.run_dir), DistInfo())
+    train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
     after = final_weights(cfg)
     before = initial(cfg)
     change = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in before
@@ -162,7 +166,7 @@ def test_init_from_another_run(tiny_data, tmp_path):
     from imret import train
 
     first = tiny_config(tiny_data, tmp_path, "iter0", train__epochs=1)
-    train.run(first, RunDir(first.run_dir), DistInfo())
+    train.train_stage(first, RunDir(first.run_dir), DistInfo())
     second = tiny_config(tiny_data, tmp_path, "iter1", train__epochs=1, train__init_from="iter0",
                          train__max_steps=0)
     training = train.Training(second, RunDir(second.run_dir), DistInfo())

@@ -19,11 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 DEFAULT_METRICS = ["map", "map@R", "r_precision", "precision@1"]
 DEFAULT_KS = [1, 2, 4, 8]

@@ -18,10 +18,6 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 RESULT_FILES = (("eval/results.json", ""), ("cluster/results.json", "cluster/"))
 FIRST = ("map", "map@R", "r_precision", "precision@1")  # columns shown first, then recall@K by K, then the rest
 

@@ -14,15 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from imret.config import ConfigError, load_yaml  # noqa: E402
-from imret.rundir import RunDir  # noqa: E402
+from imret.config import ConfigError, load_yaml
+from imret.rundir import RunDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +71,8 @@ def overlays(run: RunDir, query_indices: list[int]) -> list[tuple[int, str, np.n
     from imret.data.loader import decode_image
     from imret.data.shards import ShardSplit
     from imret.data.transforms import eval_transform
-    from imret.extract import load_features, load_model
+    from imret.extract import load_model
+    from imret.features import load_features
 
     cfg = load_yaml(run.config)
     model, _ = load_model(cfg, run, torch.device("cpu"))

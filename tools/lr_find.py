@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from imret.config import ConfigError, Experiments  # noqa: E402
+from imret import checks
+from imret.config import ConfigError, Experiments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +93,7 @@ def plot(finder: Any, out: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = Experiments.load(args.experiments).resolve(args.exp, args.overrides)
+        cfg = checks.resolve(Experiments.load(args.experiments), args.exp, args.overrides)
     except ConfigError as err:
         print(f"lr_find: error: {err}", file=sys.stderr)
         return 2

@@ -15,11 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,9 +69,9 @@ def embed(cfg: object, run: object, images: list[object], device: str | None) ->
 
 
 def search(cfg: object, run: object, embeddings: np.ndarray, k: int) -> tuple[object, object, str]:
-    from imret.evaluate import stage_input
-    from imret.extract import load_features
-    from imret.search import knn
+    from imret.evaluate.inputs import stage_input
+    from imret.features import load_features
+    from imret.search.knn import knn
 
     split = stage_input(cfg).database_split
     database = load_features(run, split)

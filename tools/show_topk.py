@@ -15,11 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +48,8 @@ def neighbours_of(run: object, index: int, k: int) -> tuple[np.ndarray, np.ndarr
 
 def database_neighbours(run: object, split: str, index: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Item ``index`` of the database split against the rest of it, from the extracted features."""
-    from imret.extract import load_features
-    from imret.search import search_shard
+    from imret.features import load_features
+    from imret.search.knn import search_shard
 
     database = load_features(run, split)
     if not 0 <= index < len(database.labels):
@@ -67,7 +63,7 @@ def database_neighbours(run: object, split: str, index: int, k: int) -> tuple[np
 def main(argv: list[str] | None = None) -> int:
     from imret.data.loader import decode_image
     from imret.data.shards import ShardSplit
-    from imret.evaluate import stage_input
+    from imret.evaluate.inputs import stage_input
     from tools.query import open_run
 
     args = parse_args(argv)

@@ -1,0 +1,73 @@
+"""An experiment's config checked against the components that will run it.
+
+``imret.config`` decides what a config can decide alone (types, keys, rules between
+fields) and imports no component, so that everything can stand on it. The rules that
+need a component's own knowledge belong to that component: the losses know their
+parameters, the metrics their names, the models which timm backbones exist, the
+clusterer its methods. This module, one floor above the components, asks each of
+them about its section. Launchers resolve experiments through ``resolve`` so that a
+config is fully checked before anything is written or submitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from imret.config import ConfigError, Experiments, ExperimentConfig
+
+
+def check(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg``, once every component it names has accepted its section; ConfigError otherwise."""
+    for where, probe in (("cluster", _check_cluster), ("loss", _check_losses), ("model", _check_model),
+                         ("evaluate", _check_metrics)):
+        try:
+            probe(cfg)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return cfg
+
+
+def resolve(exps: Experiments, name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Experiment ``name`` with ``overrides``, typed and checked by every component."""
+    cfg = exps.resolve(name, overrides)
+    try:
+        return check(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{exps.path}: experiment '{name}': {err}") from None
+
+
+def _check_cluster(cfg: ExperimentConfig) -> None:
+    if "cluster" in cfg.stages:
+        from imret.cluster.methods import check  # late: pulls in faiss
+
+        check(cfg.cluster)
+
+
+def _check_losses(cfg: ExperimentConfig) -> None:
+    if "train" not in cfg.stages:
+        return
+    from imret.losses import check_term  # late: pulls in torch
+
+    for i, term in enumerate(cfg.loss.terms):
+        try:
+            check_term(term.name, term.params)
+        except ValueError as err:
+            raise ConfigError(f"loss.terms[{i}]: {err}") from None
+
+
+def _check_model(cfg: ExperimentConfig) -> None:
+    from imret.models import check  # late: pulls in timm
+
+    check(cfg.model)
+
+
+def _check_metrics(cfg: ExperimentConfig) -> None:
+    from imret.metrics import check_metric_name
+
+    for name in cfg.evaluate.metrics:
+        try:
+            check_metric_name(name)
+        except ValueError as err:
+            raise ConfigError(f"evaluate.metrics: {err}") from None

@@ -1,0 +1,53 @@
+"""The pseudo-labelling methods, by the name ``cluster.method`` gives them.
+
+A method is a function ``(features, ClusterConfig) -> Clustering``. Methods are named
+as ``module:function`` and imported only when one runs, so checking a config does not
+load a method's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+
+from imret.cluster.clustering import Clustering
+from imret.config import ClusterConfig
+
+Method = Callable[[np.ndarray, ClusterConfig], Clustering]
+METHODS: dict[str, str] = {
+    "density": "imret.cluster.density:density_peaks",
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ValueError listing the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"cluster.method: unknown method '{name}'; the known methods are "
+                         f"{', '.join(sorted(METHODS))} (imret.cluster.methods.METHODS)")
+    module, _, attr = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check(params: ClusterConfig) -> None:
+    """User errors in the cluster section, each with what to change."""
+    if params.method not in METHODS:
+        get_method(params.method)  # raises, naming the known methods
+    if not params.splits:
+        raise ValueError("cluster.splits is empty: name the unlabelled split(s) whose features to pseudo-label")
+    both = sorted(set(params.splits) & set(params.labelled))
+    if both:
+        raise ValueError(f"cluster.splits and cluster.labelled both name {', '.join(both)}: a split is either "
+                         "kept with its true labels or pseudo-labelled, not both")
+    if min(params.k, params.min_size, params.levels) < 1 or min(params.exact_below, params.recall_sample) < 0:
+        raise ValueError(f"cluster: k ({params.k}), min_size ({params.min_size}) and levels ({params.levels}) "
+                         f"must be at least 1, "
+                         f"exact_below ({params.exact_below}) and recall_sample ({params.recall_sample}) "
+                         "at least 0")
+    for name in ("tau", "thresh"):
+        value = getattr(params, name)
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"cluster.{name} = {value} is not a cosine similarity: choose a value in [-1, 1] "
+                             "(features are L2-normalised, so similarities and densities lie there)")
+

@@ -1,0 +1,170 @@
+"""Evaluation: every requested metric for a set of queries against a database.
+
+``evaluate`` is a pure function of embeddings and labels; the search is injected, as
+pytorch-metric-learning's ``AccuracyCalculator(knn_func=...)`` takes its k-NN: the
+default ``ExactSearch`` is FAISS's exact top-k plus imret's blocked full ranking, and a
+test may pass a brute-force search and must get the same numbers. The metrics are pure
+functions of the resulting ranks (``imret.metrics``); pair metrics (roc_auc, mean
+similarities) come from sampled (query, item) pairs (``imret.evaluate.pairs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from imret import metrics as metric_lib
+from imret.evaluate.pairs import Pairs, pair_similarities, sample_pairs
+from imret.metrics import PAIR_METRICS, Ranks, RocCurve
+from imret.search.knn import Neighbours, search_shard
+from imret.search.ranks import full_ranks, positives_per_query, ranks_from_knn
+
+SAVED_NEIGHBOURS = 100  # neighbours kept per query in eval/neighbours.npz
+FULL_METHOD = "exact full ranking (blocked inner products, per-row cell counts; docs/evaluation.md)"
+
+
+class Search(Protocol):
+    """What ``evaluate`` asks of a search. ``self_ids``: the queries are database items
+    (query i is item self_ids[i]), each left out of its own ranking."""
+
+    def topk(self, queries: np.ndarray, database: np.ndarray, k: int, self_ids: np.ndarray | None) -> Neighbours:
+        """Each query's top k (scores descending, equal scores by ascending id)."""
+        ...
+
+    def full_ranks(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
+                   database_labels: np.ndarray, self_ids: np.ndarray | None) -> Ranks:
+        """The rank of every positive of every query in the full ranking."""
+        ...
+
+
+@dataclass
+class ExactSearch:
+    """FAISS exact inner-product top-k and the exact blocked full ranking (imret.search)."""
+
+    device: str | None = None  # the full ranking's torch device; None: a GPU when there is one
+
+    def topk(self, queries: np.ndarray, database: np.ndarray, k: int, self_ids: np.ndarray | None) -> Neighbours:
+        return search_shard(queries, database, 0, k, self_ids)
+
+    def full_ranks(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
+                   database_labels: np.ndarray, self_ids: np.ndarray | None) -> Ranks:
+        return full_ranks(queries, query_labels, database, database_labels, device=self.device, self_ids=self_ids)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+    neighbours: Neighbours | None = None
+    roc: RocCurve | None = None
+
+    def results(self) -> dict[str, Any]:
+        """What results.json holds: the flat metric names, then ``meta``."""
+        return {**self.metrics, "meta": self.meta}
+
+
+def evaluate(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray | None,
+             database_labels: np.ndarray | None, names: list[str], self_ids: np.ndarray | None = None,
+             roc_pairs: int = 1_000_000, seed: int = 0, neighbours: int = SAVED_NEIGHBOURS,
+             search: Search | None = None) -> Evaluation:
+    """Every metric in ``names`` for the queries against the database.
+
+    ``database=None``: the queries against themselves, each query left out of its own
+    ranking. ``self_ids``: the queries are items of ``database`` (query i is item
+    self_ids[i]), e.g. a sample of a split searched against the whole split.
+    ``search``: how to search (default ``ExactSearch()``).
+    """
+    if database is None:
+        database, database_labels, self_ids = queries, query_labels, np.arange(len(queries))
+    assert database_labels is not None
+    search = search or ExactSearch()
+    check_inputs(queries, query_labels, database, database_labels)
+    plan = SearchPlan.make(names, query_labels, database_labels, self_ids, neighbours)
+    neigh = search.topk(queries, database, plan.k, self_ids) if plan.k else None
+    ranks, method = _ranks(plan, neigh, search, queries, query_labels, database, database_labels, self_ids)
+    values = metric_lib.compute(ranks, plan.rank_names) if ranks is not None else {}
+    pairs = sample_pairs(query_labels, database_labels, self_ids, roc_pairs, seed) if plan.pair_names else None
+    if pairs is not None:
+        pairs.similarity = pair_similarities(queries, database, pairs.query, pairs.item)
+    return assemble(plan, values, neigh, pairs, method, len(query_labels))
+
+
+def check_inputs(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
+                 database_labels: np.ndarray) -> None:
+    """ValueError naming the problem for inputs no search can use."""
+    for name, emb, labels in (("query", queries, query_labels), ("database", database, database_labels)):
+        if emb.ndim != 2 or len(emb) == 0 or emb.shape[1] == 0:
+            raise ValueError(f"the {name} embeddings must be a non-empty n x d array; got shape {emb.shape}")
+        if len(labels) != len(emb):
+            raise ValueError(f"the {name} set has {len(emb)} embeddings but {len(labels)} labels; "
+                             "there must be one label per embedding")
+        if not np.isfinite(emb).all():
+            bad = int((~np.isfinite(emb)).any(axis=1).sum())
+            raise ValueError(f"{bad} {name} embeddings contain NaN or infinite values; "
+                             "check the model or the file they came from")
+    if queries.shape[1] != database.shape[1]:
+        raise ValueError(f"query embeddings have dimension {queries.shape[1]} but database embeddings "
+                         f"{database.shape[1]}; both must come from the same model")
+
+
+@dataclass
+class SearchPlan:
+    """What a set of metric names needs from the search."""
+
+    rank_names: list[str]
+    pair_names: list[str]
+    full: bool  # the exact full ranking (map), rather than top-k lists
+    k: int  # neighbours to search for (top-k metrics, saved neighbours)
+    num_positives: np.ndarray
+    database_size: int
+    exclude_self: bool
+
+    @classmethod
+    def make(cls, names: list[str], query_labels: np.ndarray, database_labels: np.ndarray,
+             self_ids: np.ndarray | None, neighbours: int) -> SearchPlan:
+        for name in names:
+            metric_lib.check_metric_name(name)
+        exclude = self_ids is not None
+        num_pos = positives_per_query(query_labels, database_labels, exclude)
+        db_size = len(database_labels) - int(exclude)
+        rank_names = [n for n in names if n not in PAIR_METRICS]
+        depth = metric_lib.depth_needed(rank_names, int(num_pos.max(initial=0)), db_size) if rank_names else 0
+        full = bool(rank_names) and depth >= db_size
+        # one neighbour more than the depth: it shows whether the last tie group continues
+        k = min(max(neighbours, 0 if full or not rank_names else depth + 1), db_size)
+        return cls(rank_names, [n for n in names if n in PAIR_METRICS], full, k, num_pos, db_size, exclude)
+
+
+def _ranks(plan: SearchPlan, neigh: Neighbours | None, search: Search, queries: np.ndarray,
+           query_labels: np.ndarray, database: np.ndarray, database_labels: np.ndarray,
+           self_ids: np.ndarray | None) -> tuple[Ranks | None, str]:
+    if not plan.rank_names:
+        return None, "none (pair metrics only)"
+    if plan.full:
+        return search.full_ranks(queries, query_labels, database, database_labels, self_ids), FULL_METHOD
+    assert neigh is not None
+    return knn_ranks(plan, neigh, query_labels, database_labels)
+
+
+def knn_ranks(plan: SearchPlan, neigh: Neighbours, query_labels: np.ndarray,
+              database_labels: np.ndarray) -> tuple[Ranks, str]:
+    """Ranks from top-k lists, and how they were found."""
+    ranks = ranks_from_knn(neigh, query_labels, database_labels, exclude_self=plan.exclude_self)
+    return ranks, f"faiss exact top-{neigh.ids.shape[1]} (ranks exact to depth {ranks.depth})"
+
+
+def assemble(plan: SearchPlan, values: dict[str, float], neigh: Neighbours | None, pairs: Pairs | None,
+              method: str, num_queries: int) -> Evaluation:
+    meta: dict[str, Any] = {"num_queries": num_queries, "num_database": plan.database_size,
+                            "queries_without_positives": int((plan.num_positives <= 0).sum()), "ranking": method}
+    roc = None
+    if pairs is not None:
+        values.update(metric_lib.pair_metrics(pairs.similarity, pairs.positive, plan.pair_names))
+        meta.update(roc_pairs_sampled=pairs.sampled, roc_pairs=len(pairs.query),
+                    roc_positive_pairs=int(pairs.positive.sum()), roc_negative_pairs=int((~pairs.positive).sum()))
+        if pairs.positive.any() and (~pairs.positive).any():
+            roc = metric_lib.roc_curve(pairs.similarity, pairs.positive)
+    ordered = {name: values[name] for name in plan.rank_names + plan.pair_names if name in values}
+    return Evaluation(ordered, meta, neigh, roc)
