@@ -119,20 +119,37 @@ def make_executor(cfg: ExperimentConfig, stage: str, mode: str, folder: Path,
     return executor, shape
 
 
+def sbatch_options(params: dict[str, Any]) -> dict[str, Any]:
+    """AutoExecutor parameters as the keyword arguments of submitit's sbatch writer.
+
+    This is the translation submitit's AutoExecutor makes for SLURM: generic names are renamed by the
+    SlurmExecutor's own table, the generic memory is formatted as sbatch wants it, and `slurm_` options
+    lose their prefix. Only class-level helpers are used, because constructing a SlurmExecutor fails
+    where srun is not installed, and a dry run must work on a laptop.
+    """
+    from submitit.slurm.slurm import SlurmExecutor, _convert_mem
+
+    renames = SlurmExecutor._equivalence_dict()
+    options: dict[str, Any] = {}
+    for key, value in params.items():
+        if key.startswith("slurm_"):
+            options[key.removeprefix("slurm_")] = value
+        elif key == "mem_gb":
+            options[renames[key]] = _convert_mem(value)
+        else:
+            options[renames[key]] = value
+    unknown = set(options) - SlurmExecutor._valid_parameters()
+    assert not unknown, f"not sbatch options of submitit: {sorted(unknown)}"
+    return options
+
+
 def sbatch_preview(cfg: ExperimentConfig, stage: str, folder: Path, dependency: str | None = None) -> str:
-    """The sbatch script submitit would write for this stage (without submitting anything)."""
-    from submitit.slurm import slurm as submitit_slurm
+    """The sbatch script submitit would write for this stage (without submitting anything, and without srun)."""
+    from submitit.slurm.slurm import _make_sbatch_string
 
     shape = stage_shape(cfg, stage, "slurm")
     params = slurm_parameters(stage_resources(cfg, stage), shape, f"{cfg.name}:{stage}")
-    executor = submitit.SlurmExecutor(folder=folder)
-    converted = {k.removeprefix("slurm_"): v for k, v in params.items()}
-    converted = {{"timeout_min": "time", "tasks_per_node": "ntasks_per_node", "name": "job_name"}.get(k, k): v
-                 for k, v in converted.items()}
-    if "mem_gb" in converted:
-        converted["mem"] = f"{converted.pop('mem_gb')}GB"
     if dependency:
-        converted["dependency"] = dependency
-    executor.update_parameters(**converted)
-    return submitit_slurm._make_sbatch_string(command="<python -u -m submitit.core._submit ...>", folder=folder,
-                                              **executor.parameters)
+        params["slurm_dependency"] = dependency
+    return _make_sbatch_string(command="<python -u -m submitit.core._submit ...>", folder=folder,
+                               **sbatch_options(params))

@@ -47,6 +47,36 @@ def test_dry_run_slurm_shows_the_sbatch_parameters(capsys, tmp_path):
     assert "2 node(s) x 8 task(s), 8 GPU(s) per node = 16 rank(s)" in out
 
 
+def test_dry_run_slurm_works_where_slurm_was_never_installed(capsys, tmp_path, monkeypatch):
+    # A PATH with nothing on it: no srun, sbatch or scontrol, as on a laptop.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    code, out, err = run(capsys, "--exp", "inat_smoothap_iter1", "--dry-run", "--cluster", "slurm",
+                         "--set", f"run.root={tmp_path}")
+    assert code == 0, err
+    assert "#SBATCH --gpus-per-node=8" in out and "srun --unbuffered" in out
+    assert out.count("#!/bin/bash") >= 2 and "dry run: nothing submitted" in out
+
+
+def test_sbatch_preview_is_the_script_submitit_writes(tmp_path, monkeypatch):
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from imret.config import Experiments
+    from slurm.executors import make_executor, sbatch_preview
+
+    cfg = Experiments.load(ROOT / "experiments.yaml").resolve(
+        "inat_smoothap_iter1", ["resources.mem_gb=64", "resources.partition=gpu", "resources.exclude=n3"])
+    folder = tmp_path / "jobs" / "%j"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    previews = {stage: sbatch_preview(cfg, stage, folder, "afterok:7") for stage in ("train", "evaluate")}
+    # Submitting needs a SlurmExecutor, whose constructor insists on srun: pretend it is there.
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    for stage, preview in previews.items():
+        executor, _ = make_executor(cfg, stage, "slurm", folder, dependency="afterok:7")
+        written = executor._executor._make_submission_file_text("<python -u -m submitit.core._submit ...>", "uid")
+        assert preview == written
+    assert "#SBATCH --mem=64GB" in previews["train"] and "#SBATCH --exclude=n3" in previews["evaluate"]
+
+
 def test_unknown_experiment_names_the_closest(capsys):
     code, _, err = run(capsys, "--exp", "digit_demo", "--dry-run")
     assert code == 2 and "no experiment named 'digit_demo'" in err and "digits_demo" in err
