@@ -73,7 +73,7 @@ class Checkpointer:
 
     def prune(self) -> None:
         valid = self.valid()
-        keep = set(valid[-self.keep:])
+        keep = set(valid[-self.keep:]) | best_checkpoints(valid)
         if self.keep_epoch_ends:
             keep |= {p for p in valid if read_meta(p).get("epoch_end")}
         for path in valid:
@@ -101,9 +101,11 @@ def find(run: RunDir, which: str) -> Path:
         raise ValueError(f"no checkpoint in {run.ckpt}: has the train stage of this run finished?")
     if which == "last":
         return valid[-1]
+    if which == "best":
+        return find_best(run, valid)
     match = re.fullmatch(r"(epoch|step)-(\d+)", which)
     if not match:
-        raise ValueError(f"extract.checkpoint: '{which}' is not last, epoch-N, step-N or init")
+        raise ValueError(f"extract.checkpoint: '{which}' is not last, best, epoch-N, step-N or init")
     kind, number = match.group(1), int(match.group(2))
     for path in valid:
         meta = read_meta(path)
@@ -112,6 +114,27 @@ def find(run: RunDir, which: str) -> Path:
     names = ", ".join(f"step-{read_meta(p)['step']}" + (f" (epoch-{read_meta(p)['epoch']})" if read_meta(p).get("epoch_end") else "") for p in valid)
     raise ValueError(f"no checkpoint '{which}' in {run.ckpt}; available: {names}. "
                      "Set train.keep_epoch_checkpoints=true to keep every epoch's.")
+
+
+def best_checkpoints(valid: list[Path]) -> set[Path]:
+    """The best checkpoint that the newest one's selection names (``imret.selection``): never pruned."""
+    if not valid:
+        return set()
+    step = read_meta(valid[-1]).get("selection", {}).get("best_step", -1)
+    return {p for p in valid if int(_STEP_DIR.match(p.name).group(1)) == step}  # valid() names all match
+
+
+def find_best(run: RunDir, valid: list[Path]) -> Path:
+    """The checkpoint with the best validation metric, as the newest checkpoint's selection records it."""
+    selection = read_meta(valid[-1]).get("selection")
+    if selection is None or selection.get("best_step", -1) < 0:
+        raise ValueError(f"extract.checkpoint=best, but no validation in {run.ckpt} has chosen a checkpoint yet "
+                         "(train.validation decides when one runs); extract last or epoch-N instead")
+    best = best_checkpoints(valid)
+    if not best:
+        raise ValueError(f"the best checkpoint (step {selection['best_step']}) is missing from {run.ckpt}; "
+                         "it was removed by hand. Extract another checkpoint (last, epoch-N) or retrain.")
+    return best.pop()
 
 
 def latest_step(run: RunDir) -> int:

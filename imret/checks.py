@@ -66,8 +66,28 @@ def _check_model(cfg: ExperimentConfig) -> None:
 def _check_metrics(cfg: ExperimentConfig) -> None:
     from imret.metrics import check_metric_name
 
-    for name in cfg.evaluate.metrics:
+    named = [("evaluate.metrics", name) for name in cfg.evaluate.metrics]
+    if cfg.train.validation.every:
+        named.append(("train.validation.metric", cfg.train.validation.metric))
+    for where, name in named:
         try:
             check_metric_name(name)
         except ValueError as err:
-            raise ConfigError(f"evaluate.metrics: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
+
+
+def check_weights(cfg: ExperimentConfig) -> None:
+    """ConfigError naming the fetch command when the pretrained weights a job will load are not cached.
+
+    Asked at submit, before anything is written or queued (it needs the machine's files, so
+    it is not part of ``check``, which ``--dry-run`` and ``--print-config`` also run). The
+    weights are loaded where a model is built from scratch: training, and extracting ``init``.
+    """
+    if not cfg.model.pretrained or not ("train" in cfg.stages or cfg.extract.checkpoint == "init"):
+        return
+    from imret.models.weights import require_cached, weights_name  # late: pulls in torch
+
+    try:
+        require_cached(cfg.model.weights_dir, weights_name(cfg.model.backbone), cfg.name)
+    except ValueError as err:
+        raise ConfigError(f"experiment '{cfg.name}': {err}") from None

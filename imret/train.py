@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imret import checkpoint as ckpt_lib
+from imret import selection as select_lib
 from imret import stopping
 from imret.config import ExperimentConfig, OptimConfig, ScheduleConfig
 from imret.data.loader import TrainData
@@ -29,6 +30,7 @@ from imret.losses import Criterion, build_criterion
 from imret.models import build_model
 from imret.models.embedding import EmbeddingNet
 from imret.rundir import RunDir
+from imret.selection import Selection
 from imret.tb import Board, make_board
 
 
@@ -39,23 +41,27 @@ class NonFiniteLoss(RuntimeError):
 class Trainee(nn.Module):
     """The model and its loss in one module, so DDP sees every trained parameter."""
 
-    def __init__(self, model: EmbeddingNet, criterion: Criterion, info: DistInfo) -> None:
+    def __init__(self, model: EmbeddingNet, criterion: Criterion, info: DistInfo, loss_fp32: bool = True) -> None:
         super().__init__()
-        self.model, self.criterion, self.info = model, criterion, info
+        self.model, self.criterion, self.info, self.loss_fp32 = model, criterion, info, loss_fp32
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         embeddings = gather_with_grad(self.model(images).float(), self.info)
         all_labels = gather_with_grad(labels, self.info)
-        return self.criterion(embeddings, all_labels)
+        # Under autocast, the float32 embeddings would be cast back down inside the loss's matmuls.
+        full = torch.autocast(embeddings.device.type, enabled=False) if self.loss_fp32 else contextlib.nullcontext()
+        with full:
+            return self.criterion(embeddings, all_labels)
 
 
 def param_groups(model: EmbeddingNet, criterion: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Backbone at the base lr, heads and loss parameters at lr * head_lr_mult; no decay on 1-D tensors."""
+    """Backbone at the base lr, heads and loss parameters at lr * head_lr_mult; no decay on 1-D tensors
+    unless ``optim.decay_1d``; frozen parameters left out."""
     head_ids = {id(p) for p in model.head_parameters()} | {id(p) for p in criterion.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in list(model.parameters()) + list(criterion.parameters()):
         if p.requires_grad:
-            groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
+            groups.setdefault((id(p) in head_ids, p.ndim <= 1 and not optim.decay_1d), []).append(p)
     out = []
     for (is_head, no_decay), params in sorted(groups.items()):
         out.append({
@@ -64,6 +70,25 @@ def param_groups(model: EmbeddingNet, criterion: nn.Module, optim: OptimConfig) 
             "weight_decay": 0.0 if no_decay else optim.weight_decay,
         })
     return out
+
+
+def check_classifier_size(cfg: ExperimentConfig, num_classes: int, labelled_classes: int) -> None:
+    """ValueError naming the fix when a loss's fixed classifier has fewer classes than the labels need.
+
+    Pseudo-labels are numbered after the labelled classes, so a classifier sized for one
+    iteration (the PSS seed's 1024) can be too small for the pseudo-classes of the next.
+    """
+    for i, term in enumerate(cfg.loss.terms):
+        fixed = term.params.get("num_classes")
+        if fixed is None or fixed >= num_classes:
+            continue
+        pseudo = (f" ({labelled_classes} labelled classes + {num_classes - labelled_classes} pseudo-classes from "
+                  f"{cfg.data.pseudo_labels})" if cfg.data.pseudo_labels else "")
+        raise ValueError(
+            f"loss.terms[{i}] ({term.name}): the classifier has num_classes={fixed}, but the training labels need "
+            f"{num_classes}{pseudo}. Give it room with --set loss.terms.{i}.params.num_classes={num_classes} (and "
+            f"--force, since the run's config changes), or drop num_classes so that the classifier follows the labels."
+        )
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -112,15 +137,16 @@ class Training:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every run
         self.data = TrainData(cfg, info)
         self.model = build_model(cfg.model)
-        if cfg.train.init_from:
+        if cfg.train.init_from and cfg.train.init_from != "pretrained":  # pretrained: build_model loaded them
             ckpt_lib.load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
+        check_classifier_size(cfg, self.data.num_classes, self.data.labelled_classes)
         self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes,
                                          self.data.labelled_classes)
         self.model.to(self.device)
         self.criterion.to(self.device)
         if self.on_gpu and cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        trainee = Trainee(self.model, self.criterion, info)
+        trainee = Trainee(self.model, self.criterion, info, cfg.train.loss_fp32)
         self.module: nn.Module = DDP(trainee, device_ids=[self.device] if self.on_gpu else None) if info.distributed else trainee
         if cfg.train.compile:
             self.module = torch.compile(self.module)  # type: ignore[assignment]
@@ -130,6 +156,7 @@ class Training:
             self.optimizer, lambda n: lr_factor(cfg.schedule, n * acc / steps, cfg.train.epochs, cfg.optim.lr))
         self.checkpointer = ckpt_lib.Checkpointer(run.ckpt, cfg.train.keep_checkpoints, cfg.train.keep_epoch_checkpoints)
         self.position = Position()
+        self.selection = Selection()
 
     @property
     def on_gpu(self) -> bool:
@@ -162,6 +189,7 @@ class Training:
         if latest is None:
             return False
         self.load(ckpt_lib.load_state(latest))
+        self.selection = Selection.from_meta(ckpt_lib.read_meta(latest))
         return True
 
     def save(self, epoch_end: bool) -> None:
@@ -170,6 +198,8 @@ class Training:
             # epoch: 1-based; at an epoch end the epoch just finished, else the one in progress
             meta = {"epoch": pos.epoch if epoch_end else pos.epoch + 1, "epoch_end": epoch_end,
                     "global_step": pos.global_step, "config_digest": self.cfg.digest()}
+            if self.cfg.train.validation.every:
+                meta["selection"] = self.selection.to_meta()
             self.checkpointer.save(self.state(), pos.global_step, meta)
 
 
@@ -195,7 +225,11 @@ def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str,
             last_loss = _loop(training, board)
     finally:
         board.close()
-    return {"global_step": training.position.global_step, "final_loss": last_loss}
+    summary: dict[str, Any] = {"global_step": training.position.global_step, "final_loss": last_loss}
+    if cfg.train.validation.every:
+        sel = training.selection
+        summary.update(best=sel.best, best_epoch=sel.best_epoch, best_step=sel.best_step, stopped_early=sel.stopped)
+    return summary
 
 
 def _loop(training: Training, board: Board) -> float:
@@ -203,6 +237,8 @@ def _loop(training: Training, board: Board) -> float:
     steps = training.data.steps_per_epoch
     meter = _Meter(cfg.data.batch_size)
     loss_value = float("nan")
+    if training.selection.stopped:  # resumed after early stopping: nothing left to train
+        return loss_value
     training.module.train()
     for epoch, step, (images, labels, index) in batches(training):
         if cfg.train.max_steps and pos.global_step >= cfg.train.max_steps:
@@ -216,7 +252,10 @@ def _loop(training: Training, board: Board) -> float:
             _log(training, board, meter, loss_value, parts, epoch, step, steps)
         if step + 1 == steps:
             pos.epoch, pos.step = epoch + 1, 0
+            _validate(training, board, epoch + 1)  # before the save, whose metadata carries the selection
             training.save(epoch_end=True)
+            if training.selection.stopped:
+                break
         elif cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
             training.save(epoch_end=False)
         if stopping.agreed(info):
@@ -224,6 +263,24 @@ def _loop(training: Training, board: Board) -> float:
     if cfg.train.max_steps and pos.step:  # stopped mid-epoch by max_steps: keep that state too
         training.save(epoch_end=False)
     return loss_value
+
+
+def _validate(training: Training, board: Board, epoch: int) -> None:
+    """Validate after ``epoch`` (1-based) when it is due, and update the selection (every rank)."""
+    cfg, sel = training.cfg, training.selection
+    val = cfg.train.validation
+    if not select_lib.due(val, epoch):
+        return
+    value = select_lib.validate(cfg, training.run, training.info, training.model, epoch)
+    improved = sel.record(val, epoch, training.position.global_step, value)
+    gs = training.position.global_step
+    board.scalar(f"validation/{val.metric}", value, gs)
+    if sel.best is not None:
+        board.scalar(f"validation/best_{val.metric}", sel.best, gs)
+    if training.info.is_main:
+        verdict = "a new best" if improved else f"best {sel.best} after epoch {sel.best_epoch}, {sel.bad} without improvement"
+        stop = f"; stopping early (patience {val.patience})" if sel.stopped else ""
+        print(f"train: validation after epoch {epoch}: {val.metric} {value:.4f} ({verdict}){stop}", flush=True)
 
 
 def _stop_here(training: Training) -> None:

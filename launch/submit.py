@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=[], metavar="POINT",
                    help="for a sweep: run only these points (names as --dry-run lists them)")
     p.add_argument("--experiments", type=Path, default=ROOT / "experiments.yaml", help="experiments file")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (with --set overrides) as YAML and exit; nothing is submitted or written")
     return p
 
 
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.exp:
             raise ConfigError("name an experiment with --exp NAME (see --list)")
         cfg = checks.resolve(exps, args.exp, args.overrides)
+        if args.print_config:
+            print(yaml_text(cfg), end="")
+            return 0
         if cfg.sweep.grid or cfg.sweep.points:
             return _submit_sweep(cfg, exps, args)
         if args.only:
@@ -69,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
+
+
+def yaml_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as the run directory's config.yaml would hold it."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def upstream(exps: Experiments, cfg: ExperimentConfig, overrides: list[str],
@@ -217,6 +229,7 @@ def _check_data(cfg: ExperimentConfig) -> None:
 
     for split in _needed_splits(cfg):
         read_manifest(cfg.data.root, split)  # raises ShardError (a ValueError) naming the fix
+    checks.check_weights(cfg)  # pretrained weights in the local cache: jobs never download
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

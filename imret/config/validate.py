@@ -10,6 +10,7 @@ this package imports no component.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_schedule(cfg.schedule, cfg.train)
     if cfg.optim.accumulate < 1:
         raise ConfigError(f"optim.accumulate: must be >= 1, got {cfg.optim.accumulate}")
+    _validate_weights(cfg)
+    _validate_validation(cfg)
 
 
 def _validate_stages(stages: list[str]) -> None:
@@ -110,3 +113,43 @@ def _validate_schedule(sched: ScheduleConfig, train: TrainConfig) -> None:
         raise ConfigError("schedule.milestones: the multistep schedule needs at least one epoch")
     if train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {train.epochs}")
+
+
+def _validate_weights(cfg: ExperimentConfig) -> None:
+    """Pretrained weights, frozen modules and the evaluation crop: the rules the config decides alone."""
+    model, data = cfg.model, cfg.data
+    if model.pretrained and model.pretrained_path:
+        raise ConfigError("model.pretrained and model.pretrained_path both name starting weights; keep one "
+                          "(pretrained: the cached timm weights of model.backbone; pretrained_path: a local file)")
+    if cfg.train.init_from == "pretrained" and not (model.pretrained or model.pretrained_path):
+        raise ConfigError("train.init_from=pretrained starts from the backbone's pretrained weights, but none are "
+                          "set: add model.pretrained=true (timm weights named by model.backbone) or model.pretrained_path")
+    for name in model.freeze:
+        if not FREEZE_NAME.fullmatch(name):
+            raise ConfigError(f"model.freeze: '{name}' is not a module name (patch_embed), a child (blocks.3) or a "
+                              "range of children (blocks.0-10)")
+    if not 0 <= data.eval_crop_pct <= 1:
+        raise ConfigError(f"data.eval_crop_pct: expected a fraction in (0, 1] (0: the backbone's own), got "
+                          f"{data.eval_crop_pct}")
+    if data.eval_resize and data.eval_resize < data.image_size:
+        raise ConfigError(f"data.eval_resize ({data.eval_resize}) must be at least data.image_size "
+                          f"({data.image_size}): the centre crop is taken from the resized image (0: off)")
+
+
+FREEZE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*(\.\d+-\d+)?")
+
+
+def _validate_validation(cfg: ExperimentConfig) -> None:
+    val = cfg.train.validation
+    for key in ("every", "first", "patience"):
+        if getattr(val, key) < 0:
+            raise ConfigError(f"train.validation.{key}: must be >= 0, got {getattr(val, key)}")
+    if val.every and not val.query:
+        raise ConfigError("train.validation.query: name the split whose samples are the validation queries "
+                          "(e.g. test), or set train.validation.every=0")
+    if val.patience and not val.every:
+        raise ConfigError("train.validation.patience needs train.validation.every > 0: early stopping counts "
+                          "validations without improvement")
+    if cfg.extract.checkpoint == "best" and not val.every:
+        raise ConfigError("extract.checkpoint=best needs a validation during training to choose it: set "
+                          "train.validation.every (and its query split and metric), or extract another checkpoint")

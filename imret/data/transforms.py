@@ -1,4 +1,10 @@
-"""Training and evaluation transforms, built by timm from the backbone's data config."""
+"""Training and evaluation transforms, built by timm from the backbone's data config.
+
+The backbone's timm name, with its weights' tag (``resnet50.tv_in1k``), decides the
+defaults: mean, std, interpolation and the evaluation crop fraction. The config can
+override each of them, to match a seed that preprocessed otherwise (the PSS seed:
+bilinear everywhere, evaluation 256 -> 224 or 256 -> 227).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,23 @@ def norm_config(data: DataConfig, backbone: str) -> dict[str, Any]:
         base["mean"] = tuple(data.mean)
     if data.std:
         base["std"] = tuple(data.std)
+    if data.interpolation:
+        base["interpolation"] = data.interpolation
+    base["crop_pct"] = eval_crop_pct(data, base["crop_pct"])
     return base
+
+
+def eval_crop_pct(data: DataConfig, default: float) -> float:
+    """The crop fraction timm's evaluation transform gets: it resizes the short side to
+    ``floor(image_size / crop_pct)``, then centre-crops ``image_size``.
+
+    ``data.eval_resize`` asks for a resize to exactly that many pixels; the fraction is
+    taken half a pixel beyond it, so that float rounding in timm's division cannot land
+    one pixel short (227 / (227 / 256) is not always 256.0 in floating point).
+    """
+    if data.eval_resize:
+        return data.image_size / (data.eval_resize + 0.5)
+    return data.eval_crop_pct or default
 
 
 def train_transform(data: DataConfig, backbone: str) -> Callable:
