@@ -23,6 +23,7 @@ import torch
 from imret.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
+PRETRAINED = "pretrained"  # train.init_from: start from model.pretrained's weights, not another run's
 
 
 def rng_state() -> dict[str, Any]:
@@ -160,6 +161,8 @@ def model_weights(source: str | Path, runs_root: str | Path | None = None) -> di
 
 def load_init_weights(model: torch.nn.Module, source: str, runs_root: str) -> None:
     """Start from another run's weights (the finetune iterations); heads of another shape are skipped."""
+    if source == PRETRAINED:
+        return  # the backbone's pretrained weights: building the model loaded them
     state = model_weights(source, runs_root)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -137,7 +137,7 @@ class Training:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every run
         self.data = TrainData(cfg, info)
         self.model = build_model(cfg.model)
-        if cfg.train.init_from and cfg.train.init_from != "pretrained":  # pretrained: build_model loaded them
+        if cfg.train.init_from:
             ckpt_lib.load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
         check_classifier_size(cfg, self.data.num_classes, self.data.labelled_classes)
         self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes,

@@ -177,8 +177,28 @@ def test_iteration_k_can_start_from_the_pretrained_weights(tiny_data, tmp_path):
     again = train.Training(tiny_config(tiny_data, tmp_path, "iter1", train__init_from="pretrained", **shared),
                            RunDir(tmp_path / "iter1"), DistInfo())
     assert torch.equal(again.model.backbone.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+    from imret.extract import load_model
+
+    init = tiny_config(tiny_data, tmp_path, "iter1", train__init_from="pretrained", extract__checkpoint="init", **shared)
+    extracted, _ = load_model(init, RunDir(tmp_path / "iter1"), torch.device("cpu"))
+    assert torch.equal(extracted.backbone.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
     previous = train.Training(tiny_config(tiny_data, tmp_path, "iter1b", train__init_from="iter0", **shared),
                               RunDir(tmp_path / "iter1b"), DistInfo())
     assert not torch.equal(previous.model.backbone.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
     with pytest.raises(ConfigError, match="train.init_from=pretrained .* none are set"):
         tiny_config(tiny_data, tmp_path, "x", train__init_from="pretrained")
+
+
+def test_print_config_shows_the_pss_settings(tmp_path, capsys):
+    import yaml
+
+    from launch.submit import main as submit
+
+    assert submit(["--exp", "inat_smoothap_iter0", "--print-config", "--set", f"run.root={tmp_path}/runs"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["backbone"] == "resnet50.tv_in1k" and cfg["model"]["pretrained"] is True
+    assert cfg["schedule"] == {**cfg["schedule"], "name": "multistep", "milestones": [40, 70], "gamma": 0.3}
+    assert cfg["model"]["pool"] == "avg" and cfg["model"]["batchnorm"] == "frozen_stats"
+    assert cfg["train"]["validation"]["metric"] == "recall@1" and cfg["extract"]["checkpoint"] == "best"
+    assert cfg["data"]["crop_scale"] == [0.08, 1.0] and cfg["optim"]["decay_1d"] is True
+    assert not (tmp_path / "runs").exists()

@@ -174,3 +174,33 @@ def test_weights_names_are_checked_when_the_config_is(tmp_path):
     both = {"model": {"backbone": "resnet18.tv_in1k", "pretrained": True, "pretrained_path": __file__}}
     with pytest.raises(ConfigError, match="keep one"):
         from_dict(both, "x")
+
+
+def test_fetch_by_experiment_covers_its_sweep_and_the_runs_it_builds_on(tmp_path):
+    from tools.fetch_weights import ROOT, experiment_weights
+
+    assert experiment_weights(ROOT / "experiments.yaml", "inat_vit_iter1", []) == {"vit_base_patch16_224.dino": "weights"}
+    assert experiment_weights(ROOT / "experiments.yaml", "inat_smoothap_iter2", ["model.weights_dir=/w"]) == {
+        "resnet50.tv_in1k": "/w"}
+    base = {"data": {"root": str(tmp_path)}, "model": {"pretrained": True}}
+    entries = {
+        "first": {**base, "model": {"backbone": "resnet18.tv_in1k", "pretrained": True}},
+        "second": {**base, "model": {"backbone": "test_vit", "pretrained": True}, "data": {"root": str(tmp_path),
+                   "pseudo_labels": "first"},
+                   "sweep": {"grid": {"model.backbone": ["test_vit", "test_resnet.r160_in1k"]}}},
+        "plain": {"data": {"root": str(tmp_path)}},
+    }
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    assert set(experiment_weights(path, "second", [])) == {"resnet18.tv_in1k", "test_vit.r160_in1k",
+                                                           "test_resnet.r160_in1k"}
+    assert experiment_weights(path, "plain", []) == {}
+
+
+def test_where_the_cache_lives_is_not_part_of_the_digest(tmp_path):
+    from imret.config import from_dict
+
+    a = from_dict({"model": {"backbone": "resnet18.tv_in1k", "pretrained": True, "weights_dir": "/a"}}, "x")
+    b = from_dict({"model": {"backbone": "resnet18.tv_in1k", "pretrained": True, "weights_dir": "/b"}}, "x")
+    c = from_dict({"model": {"backbone": "resnet18.tv_in1k", "pretrained": False, "weights_dir": "/a"}}, "x")
+    assert a.digest() == b.digest() != c.digest()

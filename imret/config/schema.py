@@ -56,7 +56,7 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader worker processes per rank."""
     augment: Literal["none", "crop", "crop_flip", "autoaugment"] = "crop_flip"
-    """Training augmentation."""
+    """Training augmentation; ``none``: the evaluation transform (resize, centre crop)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     """Random-resized-crop area range, as fractions of the image."""
     mean: list[float] = field(default_factory=list)

@@ -115,6 +115,10 @@ def _validate_schedule(sched: ScheduleConfig, train: TrainConfig) -> None:
         raise ConfigError(f"train.epochs: must be >= 1, got {train.epochs}")
 
 
+# a module name (patch_embed, layer1.0), optionally ending in a numbered range of children (blocks.0-10)
+FREEZE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*(\.\d+-\d+)?")
+
+
 def _validate_weights(cfg: ExperimentConfig) -> None:
     """Pretrained weights, frozen modules and the evaluation crop: the rules the config decides alone."""
     model, data = cfg.model, cfg.data
@@ -134,9 +138,6 @@ def _validate_weights(cfg: ExperimentConfig) -> None:
     if data.eval_resize and data.eval_resize < data.image_size:
         raise ConfigError(f"data.eval_resize ({data.eval_resize}) must be at least data.image_size "
                           f"({data.image_size}): the centre crop is taken from the resized image (0: off)")
-
-
-FREEZE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*(\.\d+-\d+)?")
 
 
 def _validate_validation(cfg: ExperimentConfig) -> None:
