@@ -202,3 +202,18 @@ def test_print_config_shows_the_pss_settings(tmp_path, capsys):
     assert cfg["train"]["validation"]["metric"] == "recall@1" and cfg["extract"]["checkpoint"] == "best"
     assert cfg["data"]["crop_scale"] == [0.08, 1.0] and cfg["optim"]["decay_1d"] is True
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_projection_head_is_gem_then_linear_then_l2():
+    """CIFAR's seed: GeM features -> Linear(C, C) with bias -> divided by their norm (embed_dim = C)."""
+    from imret.models import build_model
+
+    torch.manual_seed(0)
+    probe = build_model(ModelConfig(backbone="test_resnet", embed_dim=0, pool="gem"))
+    dim = probe.feature_dim
+    model = build_model(ModelConfig(backbone="test_resnet", embed_dim=dim, pool="gem")).eval()
+    assert isinstance(model.head, torch.nn.Linear) and model.head.bias is not None and model.head.in_features == dim
+    images = torch.rand(3, 3, 32, 32)
+    projected = model.head(model.pooled(images))
+    expected = projected / (projected.norm(dim=1, keepdim=True) + 1e-7)  # the seed's normalisation
+    assert torch.allclose(model(images), expected, atol=1e-6)
