@@ -95,7 +95,7 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.o
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
+    return cls(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)  # type: ignore[arg-type]
 
 
 def lr_factor(sched: ScheduleConfig, epoch: float, epochs: int, base_lr: float) -> float:

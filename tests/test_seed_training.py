@@ -217,3 +217,46 @@ def test_the_projection_head_is_gem_then_linear_then_l2():
     projected = model.head(model.pooled(images))
     expected = projected / (projected.norm(dim=1, keepdim=True) + 1e-7)  # the seed's normalisation
     assert torch.allclose(model(images), expected, atol=1e-6)
+
+
+def test_the_resize_first_pipelines_of_reir_and_cbir():
+    from PIL import Image
+
+    from imret.data.loader import seeded
+    from imret.data.transforms import eval_transform, train_transform
+
+    reir = DataConfig(image_size=256, augment="resize_random_crop_flip", eval_crop_pct=1.0, interpolation="bilinear")
+    steps = [type(t).__name__ for t in train_transform(reir, "resnet18.tv_in1k").transforms]
+    assert steps == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    cbir = DataConfig(image_size=224, augment="resize_random_crop", resize="squash", eval_resize=256)
+    first, crop = train_transform(cbir, "resnet50.tv_in1k").transforms[:2]
+    assert first.size == (256, 256) and crop.size == (224, 224)
+    assert [type(t).__name__ for t in train_transform(cbir, "resnet50.tv_in1k").transforms][2] == "ToTensor"
+    # squash: a 40 x 20 image becomes square, its left half (dark) still the left half
+    pixels = torch.zeros(20, 40, 3, dtype=torch.uint8)
+    pixels[:, 20:] = 255
+    image = Image.fromarray(pixels.numpy())
+    squashed = eval_transform(DataConfig(image_size=32, resize="squash", eval_crop_pct=1.0, mean=[0, 0, 0],
+                                         std=[1, 1, 1]), "resnet18")(image)
+    assert squashed.shape == (3, 32, 32) and squashed[:, :, :14].max() < 0.1 and squashed[:, :, 18:].min() > 0.9
+    with seeded(3):
+        a = train_transform(cbir, "resnet50.tv_in1k")(image)
+    with seeded(3):
+        b = train_transform(cbir, "resnet50.tv_in1k")(image)
+    assert torch.equal(a, b)  # the random crop draws from the per-sample seeded RNGs
+
+
+def test_keras_style_head_batchnorm_and_adam_settings():
+    from imret.models import build_model
+    from imret.train import build_optimizer, param_groups
+
+    model = build_model(ModelConfig(backbone="test_resnet", embed_dim=8, head_init="orthogonal", bn_momentum=0.01))
+    weight = model.head.weight
+    assert torch.allclose(weight @ weight.T, torch.eye(8), atol=1e-5) and not model.head.bias.any()
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.01}
+    optim = OptimConfig(name="adam", eps=1e-7)
+    opt = build_optimizer(param_groups(model, torch.nn.Module(), optim), optim)
+    assert {g["eps"] for g in opt.param_groups} == {1e-7}
+    with pytest.raises(ConfigError, match="head_init=orthogonal .* model.embed_dim is 0"):
+        tiny_config("/x", "/x", "x", model__embed_dim=0, model__head_init="orthogonal")

@@ -55,8 +55,12 @@ class DataConfig:
     """Batches per epoch; 0: the number of training samples // batch_size."""
     num_workers: int = 4
     """DataLoader worker processes per rank."""
-    augment: Literal["none", "crop", "crop_flip", "autoaugment"] = "crop_flip"
-    """Training augmentation; ``none``: the evaluation transform (resize, centre crop)."""
+    augment: Literal["none", "crop", "crop_flip", "autoaugment", "resize_random_crop", "resize_random_crop_flip",
+                     "flip"] = "crop_flip"
+    """Training augmentation. ``crop``/``crop_flip``/``autoaugment``: a random resized crop (``crop_scale``);
+    ``resize_random_crop[_flip]``: the evaluation resize (``resize``, ``eval_resize``), then a random
+    ``image_size`` crop; ``flip``: the evaluation transform and a horizontal flip; ``none``: the evaluation
+    transform."""
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     """Random-resized-crop area range, as fractions of the image."""
     mean: list[float] = field(default_factory=list)
@@ -70,6 +74,9 @@ class DataConfig:
     eval_resize: int = 0
     """Evaluation: resize the short side to this many pixels, then centre-crop image_size (e.g. 256 -> 224);
     overrides eval_crop_pct; 0: off."""
+    resize: Literal["short_side", "squash"] = "short_side"
+    """How the evaluation resize (and ``resize_random_crop``'s) reaches its size: the shorter side, keeping the
+    aspect ratio; or ``squash``: both sides, to a square."""
     anchor_modality: str = ""
     """Triplet sampler: the modality of anchors (e.g. sketch)."""
     positive_modality: str = ""
@@ -120,6 +127,12 @@ class ModelConfig:
     batchnorm: Literal["train", "frozen", "frozen_stats", "sync"] = "train"
     """``frozen``: running statistics used and kept, affine frozen; ``frozen_stats``: running statistics used and
     kept, affine (gamma, beta) trained, as the PSS seed does; ``sync`` needs GPUs."""
+    head_init: Literal["default", "orthogonal"] = "default"
+    """Initialisation of the linear embedding head: torch's default, or an orthogonal weight and zero bias
+    (Keras ``Orthogonal``)."""
+    bn_momentum: float = 0.0
+    """BatchNorm running-statistics momentum of the backbone, in torch's convention (Keras 0.99 = 0.01);
+    0: the backbone's own (torch: 0.1)."""
     freeze: list[str] = field(default_factory=list)
     """Backbone modules whose parameters are not trained, by name (``patch_embed``), a numbered range of children
     (``blocks.0-10``) or a single child (``blocks.3``). They still run in train mode (dropout, drop path)."""
@@ -163,6 +176,8 @@ class OptimConfig:
     """SGD only."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam and AdamW only."""
+    eps: float = 1e-8
+    """Adam and AdamW only: the denominator's epsilon (Keras: 1e-7)."""
     head_lr_mult: float = 1.0
     """Learning-rate multiplier of the heads and loss parameters (the seeds' fc_lr_mul)."""
     grad_clip: float = 0.0

@@ -135,6 +135,13 @@ def _validate_weights(cfg: ExperimentConfig) -> None:
     if not 0 <= data.eval_crop_pct <= 1:
         raise ConfigError(f"data.eval_crop_pct: expected a fraction in (0, 1] (0: the backbone's own), got "
                           f"{data.eval_crop_pct}")
+    if not 0 <= model.bn_momentum <= 1:
+        raise ConfigError(f"model.bn_momentum: expected a value in [0, 1] (0: the backbone's own), got {model.bn_momentum}")
+    if model.head_init != "default" and not model.embed_dim:
+        raise ConfigError(f"model.head_init={model.head_init} initialises the linear head, but model.embed_dim is 0 "
+                          "(no head); set embed_dim or leave head_init at default")
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"optim.eps: must be positive, got {cfg.optim.eps}")
     if data.eval_resize and data.eval_resize < data.image_size:
         raise ConfigError(f"data.eval_resize ({data.eval_resize}) must be at least data.image_size "
                           f"({data.image_size}): the centre crop is taken from the resized image (0: off)")

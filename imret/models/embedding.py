@@ -24,6 +24,10 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         load_pretrained(model, weights_name(cfg.backbone), cfg.weights_dir)
     if cfg.pretrained_path:
         load_local_weights(model, cfg.pretrained_path)
+    if cfg.bn_momentum:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.bn_momentum
     freeze(model, cfg.freeze)
     return model
 
@@ -87,6 +91,9 @@ class EmbeddingNet(FrozenBatchNorm):
         self.pool = Pool(cfg.pool, cfg.gem_p, cfg.gem_learnable) if cfg.pool != "token" else None
         self.feature_dim = int(self.backbone.num_features)
         self.head = nn.Linear(self.feature_dim, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
+        if cfg.head_init == "orthogonal" and cfg.embed_dim:
+            nn.init.orthogonal_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.embed_dim = cfg.embed_dim or self.feature_dim
         self.freeze_batchnorm(cfg.batchnorm)
 
