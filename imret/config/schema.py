@@ -4,6 +4,8 @@ Every field has a default and a docstring saying what it means; `imret.config.lo
 builds these from YAML strictly (unknown keys and wrong types are errors) and
 `imret.config.validate` checks the rules that involve several fields. Nothing here
 imports an imret component: the config is the ground floor everything else stands on.
+The tree is one concern (the sections are read, typed and checked together), so it stays
+one module even past 450 lines.
 """
 
 from __future__ import annotations
