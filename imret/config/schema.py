@@ -63,6 +63,8 @@ class DataConfig:
     """Normalisation mean (RGB); empty: the backbone's own."""
     std: list[float] = field(default_factory=list)
     """Normalisation std (RGB); empty: the backbone's own."""
+    reduced_decode: bool = True
+    """Decode JPEGs at 1/2, 1/4 or 1/8 size when the crop allows (same crops; see imret.data.decode)."""
     anchor_modality: str = ""
     """Triplet sampler: the modality of anchors (e.g. sketch)."""
     positive_modality: str = ""

@@ -127,8 +127,9 @@ class EvalSet(Dataset):
 class TrainData:
     """Everything the trainer needs from the data: a loader, its sampler and label facts."""
 
-    def __init__(self, cfg: ExperimentConfig, info: DistInfo, reduced_decode: bool = True) -> None:
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo, reduced_decode: bool | None = None) -> None:
         d = cfg.data
+        reduced_decode = d.reduced_decode if reduced_decode is None else reduced_decode
         self.source = MultiSplit([ShardSplit(d.root, s) for s in d.train_splits])
         labels = self.source.labels
         self.num_classes = int(labels.max()) + 1 if len(labels) else 0
@@ -187,10 +188,11 @@ def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def extraction_loader(cfg: ExperimentConfig, split: ShardSplit, rank: int, world_size: int,
-                      reduced_decode: bool = True) -> DataLoader:
+                      reduced_decode: bool | None = None) -> DataLoader:
     """This rank's part of ``split``, each sample exactly once, in order (workers keep batch order)."""
     start, stop = rank_range(len(split), rank, world_size)
-    dataset = EvalSet(split, eval_transform(cfg.data, cfg.model.backbone), reduced_decode)
+    reduced = cfg.data.reduced_decode if reduced_decode is None else reduced_decode
+    dataset = EvalSet(split, eval_transform(cfg.data, cfg.model.backbone), reduced)
     return DataLoader(dataset, batch_size=cfg.extract.batch_size, sampler=RangeSampler(start, stop),
                       num_workers=cfg.extract.num_workers)
 
