@@ -1,4 +1,8 @@
-"""Strict loading of configs: YAML, experiments.yaml with inheritance, and ``--set`` overrides.
+"""Strict loading of configs: safe YAML, experiments.yaml with inheritance, and ``--set`` overrides.
+
+Every YAML file or value imret reads goes through ``read_yaml`` here: PyYAML's safe
+loader, with duplicate keys refused (naming the key and both lines) and the expansion
+of anchors and aliases bounded, so an alias bomb is refused in milliseconds.
 
 An unknown key is an error naming the nearest valid key, a value of the wrong type is
 an error naming the expected type, and ``imret.config.validate`` runs before a config
