@@ -62,6 +62,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override merged ones
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
@@ -107,11 +109,20 @@ def read_yaml(text: str, source: str) -> Any:
     except _Refused as err:
         raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML is nested too deeply to be a config") from None
     finally:
         loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong, where, and in what (its own text spans several lines)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    context = f" ({err.context})" if err.context else ""
+    return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}{context}"
 
 
 def read_yaml_file(path: str | Path) -> Any:
