@@ -67,6 +67,10 @@ def extract_split(cfg: ExperimentConfig, run: RunDir, info: DistInfo, model: Emb
             print(f"extract: {split} is complete ({out / 'manifest.json'}), skipped", flush=True)
         return int(features.read_manifest(run, split)["num_samples"])
     reader = ShardSplit(cfg.data.root, split)
+    if len(reader) == 0:  # every rank sees the same manifest, so every rank stops here; nothing is written
+        raise ValueError(f"extract: split '{split}' of {cfg.data.root} holds no samples, so there is nothing to "
+                         f"embed or evaluate. Rebuild it with `python -m shards.write`, or name another split in "
+                         f"evaluate.query / evaluate.database / extract.splits.")
     part = features.part_path(out, info.rank, info.world_size)
     if part.exists():
         print(f"extract: {split} part {info.rank} exists, skipped", flush=True)

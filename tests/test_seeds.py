@@ -116,8 +116,8 @@ def check_table(runs: Path, table: dict[str, dict[str, str]]) -> None:
         assert meta["sampled_queries"] and meta["num_queries"] == 4
 
 
-POINTS = ["root=cat_a_terms=angular45", "root=cat_a_terms=triplet02", "root=cat_b_terms=angular45",
-          "root=cat_b_terms=triplet02"]
+POINTS = ["root-cat_a_terms-angular45", "root-cat_a_terms-triplet02", "root-cat_b_terms-angular45",
+          "root-cat_b_terms-triplet02"]
 
 
 def test_cbir_twin_sweep_runs_through_the_local_executor(seeds, tmp_path, capsys):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from imret.config.names import run_dir as safe_run_dir
+
 STAGE_ORDER = ("train", "extract", "evaluate", "cluster")
 """Every stage name, in the order the stages run (``imret.pipeline`` says what each runs)."""
 
@@ -373,7 +375,8 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.root) / (self.run.name or self.name)
+        """``run.root / (run.name or name)``; never outside ``run.root`` (``imret.config.names``)."""
+        return safe_run_dir(self.run.root, self.run.name or self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
