@@ -236,6 +236,8 @@ class EvaluateConfig:
     """Split the database search over this many array tasks."""
     roc_pairs: int = 1_000_000
     """Most (query, item) pairs for roc_auc; above it, a seeded sample."""
+    triplet_batch: int = 64
+    """Triples per batch of the in-batch metrics (``inbatch_topK``; the sketch seed's 64)."""
 
 
 @dataclass

@@ -86,6 +86,8 @@ def _validate_model(model: ModelConfig) -> None:
 def _validate_evaluate(ev: EvaluateConfig) -> None:
     if ev.db_shards < 1:
         raise ConfigError(f"evaluate.db_shards: must be >= 1, got {ev.db_shards}")
+    if ev.triplet_batch < 1:
+        raise ConfigError(f"evaluate.triplet_batch: must be >= 1, got {ev.triplet_batch}")
 
 
 def _validate_resources(res: ResourcesConfig) -> None:
