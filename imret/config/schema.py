@@ -43,8 +43,9 @@ class DataConfig:
     """Square input size for training and extraction."""
     batch_size: int = 64
     """The GLOBAL batch size, summed over all ranks."""
-    sampler: Literal["pk", "random", "triplet"] = "pk"
-    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative)."""
+    sampler: Literal["pk", "random", "triplet", "pid_shuffle"] = "pk"
+    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative);
+    ``pid_shuffle``: P class slots from a shuffled (tiled) class list, K samples each (the CBIR seed's)."""
     samples_per_class: int = 4
     """K of the P x K sampler; P = batch_size / K."""
     small_classes: Literal["repeat", "drop"] = "repeat"

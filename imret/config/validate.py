@@ -53,7 +53,7 @@ def _validate_stages(stages: list[str]) -> None:
 def _validate_data(data: DataConfig) -> None:
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be positive, got {data.batch_size}")
-    if data.sampler == "pk":
+    if data.sampler in ("pk", "pid_shuffle"):
         k = data.samples_per_class
         if k < 1 or data.batch_size % k:
             raise ConfigError(
