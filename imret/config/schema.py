@@ -98,6 +98,9 @@ class ModelConfig:
     """Local .safetensors / .pth state dict; empty: random init (imret never downloads)."""
     pool: Literal["gem", "avg", "max", "token"] = "gem"
     """Global pooling; ``token``: the class token of a transformer."""
+    normalize: bool = True
+    """L2-normalise the embedding the losses see; false: the raw pooled (or projected) features, as the sketch
+    seed trains. Extraction stores L2-normalised embeddings either way, for the inner-product search."""
     gem_p: float = 3.0
     """Initial GeM exponent."""
     gem_learnable: bool = True
