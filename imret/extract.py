@@ -105,9 +105,11 @@ def _write_part(cfg: ExperimentConfig, info: DistInfo, model: EmbeddingNet, read
 
 
 def _embed(model: EmbeddingNet, images: torch.Tensor) -> torch.Tensor:
-    """Float32 embeddings on the CPU; mixed precision (bfloat16 autocast) on GPU."""
+    """Float32 embeddings on the CPU; mixed precision (bfloat16 autocast) on GPU. Always L2-normalised,
+    also for a model that trains on raw features (``model.normalize: false``): the search is by inner product."""
     if images.device.type != "cuda":
-        return model(images).float().cpu()
+        emb = model(images).float().cpu()
+        return emb if getattr(model, "normalize", True) else torch.nn.functional.normalize(emb, dim=1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         emb = model(images)
     return torch.nn.functional.normalize(emb.float(), dim=1).cpu()

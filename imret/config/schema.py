@@ -45,8 +45,9 @@ class DataConfig:
     """Square input size for training and extraction."""
     batch_size: int = 64
     """The GLOBAL batch size, summed over all ranks."""
-    sampler: Literal["pk", "random", "triplet"] = "pk"
-    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative)."""
+    sampler: Literal["pk", "random", "triplet", "pid_shuffle"] = "pk"
+    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative);
+    ``pid_shuffle``: P class slots from a shuffled (tiled) class list, K samples each (the CBIR seed's)."""
     samples_per_class: int = 4
     """K of the P x K sampler; P = batch_size / K."""
     small_classes: Literal["repeat", "drop"] = "repeat"
@@ -101,6 +102,9 @@ class ModelConfig:
     """Local .safetensors / .pth state dict; empty: random init (imret never downloads)."""
     pool: Literal["gem", "avg", "max", "token"] = "gem"
     """Global pooling; ``token``: the class token of a transformer."""
+    normalize: bool = True
+    """L2-normalise the embedding the losses see; false: the raw pooled (or projected) features, as the sketch
+    seed trains. Extraction stores L2-normalised embeddings either way, for the inner-product search."""
     gem_p: float = 3.0
     """Initial GeM exponent."""
     gem_learnable: bool = True
@@ -240,6 +244,8 @@ class EvaluateConfig:
     """Split the database search over this many array tasks."""
     roc_pairs: int = 1_000_000
     """Most (query, item) pairs for roc_auc; above it, a seeded sample."""
+    triplet_batch: int = 64
+    """Triples per batch of the in-batch metrics (``inbatch_topK``; the sketch seed's 64)."""
 
 
 @dataclass

@@ -38,7 +38,7 @@ _AT_LEAST: dict[str, float] = {
     "train.epochs": 1, "train.checkpoint_every": 0, "train.keep_checkpoints": 1, "train.log_every": 1,
     "train.max_steps": 0,
     "extract.batch_size": 1, "extract.num_workers": 0,
-    "evaluate.sample_queries": 0, "evaluate.db_shards": 1, "evaluate.roc_pairs": 1,
+    "evaluate.sample_queries": 0, "evaluate.db_shards": 1, "evaluate.roc_pairs": 1, "evaluate.triplet_batch": 1,
     "cluster.k": 1, "cluster.min_size": 1, "cluster.exact_below": 0, "cluster.recall_sample": 0, "cluster.levels": 1,
     "resources.nodes": 1, "resources.gpus_per_node": 0, "resources.tasks_per_node": 0, "resources.cpus_per_task": 1,
     "resources.mem_gb": 0, "resources.time_min": 1, "resources.signal_delay_s": 0, "resources.max_requeues": 0,
@@ -109,7 +109,7 @@ def _validate_stages(stages: list[str]) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
-    if data.sampler == "pk":
+    if data.sampler in ("pk", "pid_shuffle"):
         k = data.samples_per_class
         if k < 1 or data.batch_size % k:
             raise ConfigError(

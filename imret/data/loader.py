@@ -157,7 +157,7 @@ class TrainData:
             modalities = np.array([str(k).split("/", 1)[0] for k in self.source.keys])
             return TripletPlan(labels, modalities, d.batch_size, d.anchor_modality, d.positive_modality,
                                seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch)
-        return BatchPlan(labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
+        return BatchPlan(labels, d.batch_size, kind=d.sampler,
                          samples_per_class=d.samples_per_class, seed=cfg.train.seed,
                          steps_per_epoch=d.steps_per_epoch, small_classes=d.small_classes,
                          max_per_class=d.max_per_class)
