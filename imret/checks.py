@@ -64,7 +64,7 @@ def _check_model(cfg: ExperimentConfig) -> None:
 
 
 def _check_metrics(cfg: ExperimentConfig) -> None:
-    from imret.metrics import check_metric_name
+    from imret.metrics import check_metric_name, is_triplet_metric
 
     named = [("evaluate.metrics", name) for name in cfg.evaluate.metrics]
     if cfg.train.validation.every:
@@ -74,6 +74,10 @@ def _check_metrics(cfg: ExperimentConfig) -> None:
             check_metric_name(name)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
+        if where == "evaluate.metrics" and is_triplet_metric(name) and cfg.evaluate.db_shards > 1:
+            raise ConfigError(f"evaluate.metrics: {name} draws (query, positive, negative) triples from the whole "
+                              f"database, which a sharded evaluation (evaluate.db_shards: {cfg.evaluate.db_shards}) "
+                              "never holds at once; set evaluate.db_shards: 1 or leave the triplet metrics out")
 
 
 def check_weights(cfg: ExperimentConfig) -> None:

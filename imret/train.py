@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,13 +185,14 @@ class Training:
         self.position = Position(**state["position"])
         ckpt_lib.set_rng_state(state["rng"])
 
-    def resume(self) -> bool:
-        latest = self.checkpointer.latest()
-        if latest is None:
-            return False
-        self.load(ckpt_lib.load_state(latest))
-        self.selection = Selection.from_meta(ckpt_lib.read_meta(latest))
-        return True
+    def resume(self) -> Path | None:
+        """Load the newest readable checkpoint; its path, or None when training starts afresh."""
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return None
+        self.load(found[1])
+        self.selection = Selection.from_meta(ckpt_lib.read_meta(found[0]))
+        return found[0]
 
     def save(self, epoch_end: bool) -> None:
         if self.info.is_main:
@@ -215,9 +217,10 @@ def batches(training: Training) -> Iterator[tuple[int, int, Any]]:
 def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str, Any]:
     """The stage: train from the newest checkpoint (or from the start) to the end, on every rank."""
     training = Training(cfg, run, info)
-    if training.resume():
+    resumed = training.resume()
+    if resumed:
         pos = training.position
-        print(f"train: resumed from {training.checkpointer.latest()} at epoch {pos.epoch + 1}, step {pos.step} "
+        print(f"train: resumed from {resumed} at epoch {pos.epoch + 1}, step {pos.step} "
               f"(global step {pos.global_step})", flush=True)
     board = make_board(info, run.tb)
     try:
@@ -225,6 +228,10 @@ def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str,
             last_loss = _loop(training, board)
     finally:
         board.close()
+    if training.position.global_step == 0:  # nothing trained and nothing saved: the stage must not be marked done
+        raise ValueError(f"train: no training step was run (data.steps_per_epoch {training.data.steps_per_epoch}, "
+                         f"train.max_steps {cfg.train.max_steps}), so there is no checkpoint to extract from. Check "
+                         f"data.train_splits holds enough samples for one batch of {cfg.data.batch_size}.")
     summary: dict[str, Any] = {"global_step": training.position.global_step, "final_loss": last_loss}
     if cfg.train.validation.every:
         sel = training.selection

@@ -240,13 +240,12 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _write_config(cfg: ExperimentConfig, force: bool) -> Path:
-    import yaml
-
+    from imret.config.load import read_yaml_file
     from imret.rundir import RunDir
 
     run = RunDir(cfg.run_dir)
     if run.config.exists():
-        old = yaml.safe_load(run.config.read_text())
+        old = read_yaml_file(run.config)
         changes = _diff(old, cfg.to_dict())
         if changes and not force:
             raise ConfigError(

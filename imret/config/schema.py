@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from imret.config.names import run_dir as safe_run_dir
+
 STAGE_ORDER = ("train", "extract", "evaluate", "cluster")
 """Every stage name, in the order the stages run (``imret.pipeline`` says what each runs)."""
 
@@ -45,8 +47,9 @@ class DataConfig:
     """Square input size for training and extraction."""
     batch_size: int = 64
     """The GLOBAL batch size, summed over all ranks."""
-    sampler: Literal["pk", "random", "triplet"] = "pk"
-    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative)."""
+    sampler: Literal["pk", "random", "triplet", "pid_shuffle"] = "pk"
+    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative);
+    ``pid_shuffle``: P class slots from a shuffled (tiled) class list, K samples each (the CBIR seed's)."""
     samples_per_class: int = 4
     """K of the P x K sampler; P = batch_size / K."""
     small_classes: Literal["repeat", "drop"] = "repeat"
@@ -79,6 +82,8 @@ class DataConfig:
     resize: Literal["short_side", "squash"] = "short_side"
     """How the evaluation resize (and ``resize_random_crop``'s) reaches its size: the shorter side, keeping the
     aspect ratio; or ``squash``: both sides, to a square."""
+    reduced_decode: bool = True
+    """Decode JPEGs at 1/2, 1/4 or 1/8 size when the crop allows (same crops; see imret.data.decode)."""
     anchor_modality: str = ""
     """Triplet sampler: the modality of anchors (e.g. sketch)."""
     positive_modality: str = ""
@@ -120,6 +125,9 @@ class ModelConfig:
     Relative paths are from the working directory; ``~`` and ``$VARS`` are expanded. Not part of the digest."""
     pool: Literal["gem", "avg", "max", "token"] = "gem"
     """Global pooling; ``token``: the class token of a transformer."""
+    normalize: bool = True
+    """L2-normalise the embedding the losses see; false: the raw pooled (or projected) features, as the sketch
+    seed trains. Extraction stores L2-normalised embeddings either way, for the inner-product search."""
     gem_p: float = 3.0
     """Initial GeM exponent."""
     gem_learnable: bool = True
@@ -300,6 +308,8 @@ class EvaluateConfig:
     """Split the database search over this many array tasks."""
     roc_pairs: int = 1_000_000
     """Most (query, item) pairs for roc_auc; above it, a seeded sample."""
+    triplet_batch: int = 64
+    """Triples per batch of the in-batch metrics (``inbatch_topK``; the sketch seed's 64)."""
 
 
 @dataclass
@@ -435,7 +445,8 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.root) / (self.run.name or self.name)
+        """``run.root / (run.name or name)``; never outside ``run.root`` (``imret.config.names``)."""
+        return safe_run_dir(self.run.root, self.run.name or self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -82,13 +82,14 @@ class FrozenBatchNorm(nn.Module):
 
 
 class EmbeddingNet(FrozenBatchNorm):
-    """Maps images to L2-normalised embeddings."""
+    """Maps images to L2-normalised embeddings (raw ones with ``model.normalize: false``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.backbone = create_backbone(cfg)
         self.pool_kind = cfg.pool
         self.pool = Pool(cfg.pool, cfg.gem_p, cfg.gem_learnable) if cfg.pool != "token" else None
+        self.normalize = cfg.normalize  # false: raw features to the losses (the sketch seed's)
         self.feature_dim = int(self.backbone.num_features)
         self.head = nn.Linear(self.feature_dim, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
         if cfg.head_init == "orthogonal" and cfg.embed_dim:
@@ -116,7 +117,8 @@ class EmbeddingNet(FrozenBatchNorm):
         return self.pool(x[:, :, prefix:])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return l2_normalize(self.head(self.pooled(images)))
+        out = self.head(self.pooled(images))
+        return l2_normalize(out) if self.normalize else out
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the head learning-rate multiplier (head and pooling)."""
