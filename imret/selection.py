@@ -108,7 +108,7 @@ def validate(cfg: ExperimentConfig, run: RunDir, info: DistInfo, model: Embeddin
             _embed_splits(cfg, vrun, info, model, epoch)
         finally:
             model.train(was_training)
-    value = _score(val, vrun) if info.is_main else None
+    value = _score(cfg, vrun) if info.is_main else None
     return float(broadcast_object(value, info))  # type: ignore[arg-type]
 
 
@@ -120,14 +120,17 @@ def _embed_splits(cfg: ExperimentConfig, vrun: RunDir, info: DistInfo, model: Em
         extract_split(cfg, vrun, info, model, f"validation after epoch {epoch}", split)
 
 
-def _score(val: ValidationConfig, vrun: RunDir) -> float:
+def _score(cfg: ExperimentConfig, vrun: RunDir) -> float:
+    """The metric on rank 0, with the evaluate section's sampling settings (pairs, seed) as the evaluate stage."""
     from imret.evaluate.core import evaluate
     from imret.features import load_features
 
+    val, ev = cfg.train.validation, cfg.evaluate
     queries = load_features(vrun, val.query)
     database = load_features(vrun, val.database) if val.database and val.database != val.query else None
     result = evaluate(queries.embeddings, queries.labels, database.embeddings if database else None,
-                      database.labels if database else None, [val.metric], neighbours=0)
+                      database.labels if database else None, [val.metric], roc_pairs=ev.roc_pairs, seed=ev.seed,
+                      neighbours=0)
     return float(result.metrics.get(val.metric, float("nan")))
 
 
