@@ -121,7 +121,7 @@ def _embed_splits(cfg: ExperimentConfig, vrun: RunDir, info: DistInfo, model: Em
 
 
 def _score(cfg: ExperimentConfig, vrun: RunDir) -> float:
-    """The metric on rank 0, with the evaluate section's sampling settings (pairs, seed) as the evaluate stage."""
+    """The metric on rank 0, with the evaluate section's sampling settings (pairs, seed, triplet batches)."""
     from imret.evaluate.core import evaluate
     from imret.features import load_features
 
@@ -130,7 +130,7 @@ def _score(cfg: ExperimentConfig, vrun: RunDir) -> float:
     database = load_features(vrun, val.database) if val.database and val.database != val.query else None
     result = evaluate(queries.embeddings, queries.labels, database.embeddings if database else None,
                       database.labels if database else None, [val.metric], roc_pairs=ev.roc_pairs, seed=ev.seed,
-                      neighbours=0)
+                      neighbours=0, triplet_batch=ev.triplet_batch)
     return float(result.metrics.get(val.metric, float("nan")))
 
 
