@@ -217,6 +217,9 @@ def _needed_splits(cfg: ExperimentConfig) -> list[str]:
     from imret.extract import splits_to_extract
 
     splits = list(cfg.data.train_splits) if "train" in cfg.stages else []
+    val = cfg.train.validation
+    if "train" in cfg.stages and val.every:
+        splits += [s for s in (val.query, val.database) if s]
     if "extract" in cfg.stages:
         splits += splits_to_extract(cfg)
     if "cluster" in cfg.stages:

@@ -206,3 +206,20 @@ def test_best_without_a_validation_yet_names_the_problem(tiny_data, tmp_path):
     train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
     with pytest.raises(ValueError, match="no validation .* has chosen a checkpoint yet"):
         checkpoint.find(RunDir(cfg.run_dir), "best")
+
+
+def test_a_missing_validation_split_stops_the_submit(tiny_data, tmp_path, capsys):
+    import yaml
+
+    from launch.submit import main as submit
+
+    entry = {"run": {"root": str(tmp_path / "runs")},
+             "data": {"root": str(tiny_data), "image_size": 32, "batch_size": 8, "samples_per_class": 2,
+                      "num_workers": 0},
+             "model": {"backbone": "test_resnet", "embed_dim": 8},
+             "train": {"validation": {"every": 1, "query": "valid"}},
+             "resources": {"local_ranks": 1}}
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump({"tiny": entry}))
+    assert submit(["--experiments", str(path), "--exp", "tiny", "--cluster", "local"]) == 2
+    assert "valid" in capsys.readouterr().err and not (tmp_path / "runs").exists()
