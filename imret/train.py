@@ -156,6 +156,8 @@ class Training:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: lr_factor(cfg.schedule, n * acc / steps, cfg.train.epochs, cfg.optim.lr))
         self.checkpointer = ckpt_lib.Checkpointer(run.ckpt, cfg.train.keep_checkpoints, cfg.train.keep_epoch_checkpoints)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler is a no-op)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.on_gpu and cfg.train.amp == "fp16")
         self.position = Position()
         self.selection = Selection()
 
@@ -174,7 +176,7 @@ class Training:
         return {
             "model": self.model.state_dict(), "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "position": vars(self.position).copy(), "rng": ckpt_lib.rng_state(),
+            "position": vars(self.position).copy(), "rng": ckpt_lib.rng_state(), "scaler": self.scaler.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -184,6 +186,8 @@ class Training:
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
         ckpt_lib.set_rng_state(state["rng"])
+        if state.get("scaler"):  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
 
     def resume(self) -> Path | None:
         """Load the newest readable checkpoint; its path, or None when training starts afresh."""
@@ -315,15 +319,19 @@ def _step(training: Training, images: torch.Tensor, labels: torch.Tensor, index:
     if not math.isfinite(value):
         raise _non_finite(training, value, index)
     acc = cfg.optim.accumulate
-    (loss * info.world_size / acc).backward()
+    scaler = training.scaler
+    scaler.scale(loss * info.world_size / acc).backward()
     if (step + 1) % acc == 0:
         params = [p for g in training.optimizer.param_groups for p in g["params"]]
+        if cfg.optim.grad_clip or logging:
+            scaler.unscale_(training.optimizer)  # clip and log the true gradients, not the loss-scaled ones
         if cfg.optim.grad_clip:
             training.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
         elif logging:  # without clipping the norm is only logged: skip it on other steps
             grads = [p.grad for p in params if p.grad is not None]
             training.last_grad_norm = float(torch.nn.utils.get_total_norm(grads))
-        training.optimizer.step()
+        scaler.step(training.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         training.optimizer.zero_grad(set_to_none=True)
         training.scheduler.step()
     return value, {k: float(v) for k, v in parts.items()}

@@ -260,3 +260,19 @@ def test_keras_style_head_batchnorm_and_adam_settings():
     assert {g["eps"] for g in opt.param_groups} == {1e-7}
     with pytest.raises(ConfigError, match="head_init=orthogonal .* model.embed_dim is 0"):
         tiny_config("/x", "/x", "x", model__embed_dim=0, model__head_init="orthogonal")
+
+
+def test_the_loss_scaler_is_checkpointed_and_a_no_op_without_fp16(tiny_data, tmp_path):
+    """fp16 needs loss scaling (the sketch seed's AMP has it); elsewhere the scaler must change nothing."""
+    from imret import checkpoint, train
+
+    runs = tmp_path / "runs"
+    cfg = tiny_config(tiny_data, runs, "scaler", train__amp="fp16", train__epochs=1)
+    assert not train.Training(cfg, RunDir(cfg.run_dir), DistInfo()).scaler.is_enabled()  # a GPU-only scaler
+    train.train_stage(cfg, RunDir(cfg.run_dir), DistInfo())
+    plain = tiny_config(tiny_data, runs, "plain", train__amp="off", train__epochs=1)
+    train.train_stage(plain, RunDir(plain.run_dir), DistInfo())
+    states = [checkpoint.load_state(checkpoint.Checkpointer(RunDir(c.run_dir).ckpt).latest()) for c in (cfg, plain)]
+    assert states[0]["scaler"] == {} == states[1]["scaler"]
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), key

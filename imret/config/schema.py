@@ -253,7 +253,7 @@ class TrainConfig:
     """Start from the weights of an experiment (by name) or a checkpoint path; ``pretrained``: the backbone's
     pretrained weights (``model.pretrained``), as PSS starts every iteration from ImageNet."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """Mixed precision; ``auto``: bf16 on GPU, off on CPU."""
+    """Mixed precision on GPU; ``auto``: bf16. ``fp16`` scales the loss (torch's GradScaler, checkpointed)."""
     channels_last: bool = True
     """Channels-last memory format (on GPU only)."""
     compile: bool = False
