@@ -164,3 +164,24 @@ def test_cpu_ranks_share_the_cpus_they_see():
     assert torch.get_num_threads() == 1
     pipeline._limit_cpu_threads(cpus_per_task=visible + 8, local_ranks=4)  # bound to fewer CPUs than asked
     assert torch.get_num_threads() == visible
+
+
+def test_the_real_array_tasks_feed_the_evaluate_stage(tmp_path):
+    """evaluate-search and evaluate-count through run_array_task on tiny features, then the evaluate stage
+    merges their files (without redoing them) into the results of an unsharded evaluation."""
+    from imret.evaluate.stage import evaluate_stage
+    from tests.test_search_shards import fake_run
+
+    cfg, run = fake_run(tmp_path, "sharded", self_search=False, db_shards=3)
+    steps = pipeline.STAGES["evaluate"].array_steps(cfg)
+    written = [pipeline.run_array_task(cfg, step, i, step.tasks(cfg)) for step in steps for i in range(3)]
+    assert [p.name for p in written] == [f"{kind}-{i:04d}-of-0003.npz" for kind in ("topk", "count") for i in range(3)]
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    run.mark_done("extract", {})
+    pipeline.run_stage(cfg, "evaluate", DistInfo())
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps  # merged, not searched again
+    ref_cfg, ref = fake_run(tmp_path, "whole", self_search=False)
+    evaluate_stage(ref_cfg, ref, DistInfo())
+    sharded, whole = json.loads(run.results.read_text()), json.loads(ref.results.read_text())
+    for key in ("map", "recall@1", "precision@1", "r_precision"):
+        assert sharded[key] == whole[key], key
