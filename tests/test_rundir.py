@@ -66,6 +66,7 @@ def test_a_write_that_fails_leaves_the_old_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert json.loads(target.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary file left beside it
 
 
 KILLED_WRITER = """
