@@ -188,3 +188,44 @@ def test_a_missing_previous_sidecar_is_named(tmp_path):
     extract_stage(cfg, run, DistInfo())
     with pytest.raises(ValueError, match="never_ran/cluster/labels.npz does not exist"):
         stage.cluster_stage(cfg, run, DistInfo())
+
+
+# ----------------------------------------------------------------------------- U_out in the data
+
+
+def test_inat_uout_is_the_rest_of_the_seeds_train_list(tmp_path):
+    from imret.data.shards import ShardSplit
+    from shards.write import main as write_shards
+    from tests.test_loop import fake_inat
+
+    lists = fake_inat(tmp_path / "inat")
+    # PSS's train_set1.txt is L_in, U_in, U_out in that order; here its U_out part is listed nowhere else
+    everything = lists["lin"] + lists["uin"] + lists["uout"]
+    (tmp_path / "inat" / "train.txt").write_text("\n".join(everything) + "\n")
+    assert write_shards(["inat2018", "--src", str(tmp_path / "inat"), "--out", str(tmp_path / "shards"),
+                         "--no-progress", "--list", "lin=lin.txt", "--list", "uin=uin.txt",
+                         "--list-rest", "uout=train.txt"]) == 0
+    uout = ShardSplit(tmp_path / "shards", "uout")
+    assert uout.keys.tolist() == [rel[:-4] for rel in lists["uout"]]
+    lin = ShardSplit(tmp_path / "shards", "lin")
+    assert not set(uout.labels.tolist()) & set(lin.labels.tolist())  # the out-of-distribution class
+    assert write_shards(["inat2018", "--src", str(tmp_path / "inat"), "--out", str(tmp_path / "again"),
+                         "--no-progress", "--list-rest", "uout=train.txt", "--annotations", "x=y.json"]) == 2
+
+
+def test_digits_open_protocol_keeps_the_loops_test_split_and_hides_two_digits():
+    from shards.digits import OPEN_DIGITS, split_of
+
+    from sklearn.datasets import load_digits
+
+    seen, splits = np.zeros(10, int), {"loop": [], "open": []}
+    for digit in load_digits().target:
+        for protocol in splits:
+            splits[protocol].append((split_of(int(digit), seen[digit], protocol), int(digit)))
+        seen[digit] += 1
+    loop, open_ = np.array(splits["loop"]), np.array(splits["open"])
+    assert ((loop[:, 0] == "test") == (open_[:, 0] == "test")).all()  # the same held-out images
+    labelled = {int(d) for s, d in open_ if s == "lab"}
+    assert labelled == set(range(8)) and not labelled & set(OPEN_DIGITS)
+    assert {int(d) for s, d in open_ if s == "uout"} == set(OPEN_DIGITS)
+    assert (open_[:, 0] == "uin").sum() == 1101 and (open_[:, 0] == "uout").sum() == 285
