@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imret import features
 from imret.cluster import methods, stage
 from imret.cluster.clustering import Clustering, Known
 from imret.cluster.subsets import subset_report
@@ -164,6 +165,24 @@ def test_stage_keeps_earlier_selections_and_gives_a_learning_method_what_it_know
     stage.cluster_stage(loop_config(tmp_path, "iter1", data__pseudo_labels="iter0", cluster__cumulative=False),
                         run1, DistInfo())
     assert len(recorded.calls[-1][0]) == 20 and FROZEN not in load_sidecar(run1.cluster / "labels.npz")["mask"]
+
+
+def test_one_sample_left_is_left_unselected_without_running_the_method(tmp_path):
+    write_tiny_split(tmp_path / "d", "lab", tiny_images(2, 3, seed=1, prefix="l"), 2)
+    write_tiny_split(tmp_path / "d", "uin", tiny_images(2, 3, seed=2, prefix="i"), 2)
+    cfg = tiny_config(tmp_path / "d", tmp_path / "runs", "late", extract__checkpoint="init",
+                      extract__splits=["uin"], cluster__splits=["uin"], cluster__labelled=["lab"],
+                      data__pseudo_labels=str(tmp_path / "previous.npz"))
+    run = RunDir(cfg.run_dir)
+    extract_stage(cfg, run, DistInfo())
+    keys = features.load_features(run, "uin").keys
+    # an earlier iteration selected all but the last sample: density peaks cannot run on one point
+    save_sidecar(tmp_path / "previous.npz", keys, np.array([2, 2, 3, 3, 3, -1]),
+                 np.array([SELECTED] * 5 + [UNSELECTED], np.int8))
+    summary = stage.cluster_stage(cfg, run, DistInfo())
+    side = load_sidecar(run.cluster / "labels.npz")
+    assert side["mask"][6:].tolist() == [FROZEN] * 5 + [UNSELECTED] and side["labels"][-1] == -1
+    assert summary["samples"] == 1 and summary["selected"] == 0 and summary["frozen"] == 5
 
 
 def test_a_learning_method_needs_the_labelled_features(tmp_path, recorded):

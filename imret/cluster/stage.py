@@ -111,9 +111,12 @@ def build_known(run: RunDir, cfg: ExperimentConfig, u: Unlabelled, earlier: np.n
 
 
 def run_method(name: str, features: np.ndarray, cfg: ExperimentConfig, known: Known | None) -> Clustering:
-    """The method on what is left to cluster; nothing left (everything selected earlier) needs no method."""
-    if not len(features):
-        return Clustering(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool), {"method": "none"})
+    """The method on what is left to cluster. With fewer than two samples left (earlier iterations selected
+    the rest) there is nothing to group: each stays its own cluster, unselected, and no method runs."""
+    n = len(features)
+    if n < 2:
+        return Clustering(np.arange(n, dtype=np.int64), np.zeros(n, np.float32), np.zeros(n, bool),
+                          {"method": "none (fewer than 2 samples left to cluster)"})
     return get_method(name)(features, cfg.cluster, known)
 
 
