@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imret.data.labels import LABELLED, SELECTED, UNSELECTED, load_sidecar
+from imret.data.labels import FROZEN, LABELLED, SELECTED, UNSELECTED, load_sidecar
 from imret.rundir import RunDir
 from launch.submit import main as submit
 from tests.helpers import check_gathered, gather_table
@@ -78,7 +78,7 @@ def test_tiny_fake_inat_runs_iter1_end_to_end(tmp_path):
         results = json.loads(run.results.read_text())
         assert {"recall@1", "recall@4", "recall@16", "recall@32"} <= set(results)
         sidecar = load_sidecar(run.cluster / "labels.npz")
-        assert set(np.unique(sidecar["mask"]).tolist()) <= {LABELLED, SELECTED, UNSELECTED}
+        assert set(np.unique(sidecar["mask"]).tolist()) <= {LABELLED, SELECTED, UNSELECTED, FROZEN}  # 3: cumulative
         assert (sidecar["mask"] == LABELLED).sum() == 16 and (sidecar["mask"] != LABELLED).sum() == 20 + 9
     log = (tmp_path / "runs" / "inat_smoothap_iter1" / "jobs" / "submissions.json").read_text()
     assert "train" in log
