@@ -91,7 +91,7 @@ def test_report_tabulates_the_iterations(open_loop, capsys, tmp_path):
                    "--tb", str(tmp_path / "tb")]) == 0
     text = out.read_text()
     assert text in capsys.readouterr().out
-    rows = [line.split("|")[1:-1] for line in text.split("## ")[1].splitlines() if line.startswith("| ")]
+    rows = [line.split("|")[1:-1] for line in text.split("## ")[0].splitlines() if line.startswith("| ")]
     header, body = [c.strip() for c in rows[0]], [[c.strip() for c in r] for r in rows[1:]]
     assert [r[0] for r in body] == ["0", "1", "2"] and header[2:4] == ["R@1", "R@4"]
     for i, row in enumerate(body):
