@@ -322,6 +322,9 @@ class ClusterConfig:
     """Unlabelled splits to pseudo-label (their features)."""
     labelled: list[str] = field(default_factory=list)
     """Labelled splits kept with their true labels (mask 0)."""
+    cumulative: bool = True
+    """Keep earlier iterations' selections (read from ``data.pseudo_labels``) with their pseudo-labels frozen
+    (mask 3), and cluster only the rest, as PSS does; false: re-cluster all of the splits every iteration."""
     k: int = 10
     """Neighbours in the k-NN graph."""
     tau: float = 0.9
