@@ -12,8 +12,9 @@ leaves them alone.
     python bench/cluster.py --small      # 100,000 points, 1,000 clusters: a quick run
 
 ``--open-world`` runs the planted open-world comparison of Hi-LANDER instead
-(bench/cluster_open_world.py; run as ``python -m bench.cluster --open-world``): imret's hilander and density methods through
-``tools.cluster`` on long-tailed planted data, beside the DGL reference's recorded figures.
+(bench/cluster_open_world.py; run as ``python -m bench.cluster --open-world``): imret's
+hilander and density methods through ``tools.cluster`` on long-tailed planted data,
+beside the DGL reference's recorded figures.
 """
 
 from __future__ import annotations

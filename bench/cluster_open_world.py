@@ -14,8 +14,8 @@ clusters it with the same k, tau and thresh on raw cosines. Both run through
 bench/hilander_planted_reference.json: the DGL code run once per seed on the identical
 file (bench/hilander_reference.py says how), scored with the same ``imret.metrics.quality``.
 
-    OMP_NUM_THREADS=1 python -m bench.cluster --open-world --seeds 0 1 2 --out-dir bench_runs/open_world
-    python -m bench.cluster --open-world --table --out-dir bench_runs/open_world   # the table of finished runs
+    OMP_NUM_THREADS=1 python -m bench.cluster --open-world --seeds 0 1 2 --out-dir runs/bench/open_world
+    python -m bench.cluster --open-world --table --out-dir runs/bench/open_world   # the table of finished runs
     OMP_NUM_THREADS=1 python -m bench.cluster --open-world --scale 100000 --epochs 1   # time and memory
 
 ``--scale N`` times Hi-LANDER instead: N points, 128-d (PSS's embedding size), in classes
@@ -104,8 +104,8 @@ def run_one(method: str, seed: int, epochs: int, out_dir: Path, paths: tuple[Pat
     figures = figures_of(summary)
     figures.update(seed=seed, method=method, epochs=epochs if method == "hilander" else None,
                    wall_s=time.perf_counter() - started, train_s=summary["info"].get("train_s"),
-                   infer_s=summary["info"].get("seconds"), peak_rss_gb=_rss_gb(), levels_nodes=summary["info"].get("nodes"),
-                   threads=os.environ.get("OMP_NUM_THREADS"))
+                   infer_s=summary["info"].get("seconds"), peak_rss_gb=_rss_gb(),
+                   levels_nodes=summary["info"].get("nodes"), threads=os.environ.get("OMP_NUM_THREADS"))
     (out_dir / f"{method}_seed{seed}.figures.json").write_text(json.dumps(figures, indent=1) + "\n")
     return figures
 
@@ -113,7 +113,8 @@ def run_one(method: str, seed: int, epochs: int, out_dir: Path, paths: tuple[Pat
 def figures_of(summary: dict[str, Any]) -> dict[str, Any]:
     """The columns of the table from a tools.cluster summary."""
     sel, everything = summary["metrics"]["selected"] or {}, summary["metrics"]["all"]
-    out = {"selected_fraction": summary["selected_fraction"], "clusters_selected": summary["counts"]["clusters_selected"]}
+    out = {"selected_fraction": summary["selected_fraction"],
+           "clusters_selected": summary["counts"]["clusters_selected"]}
     out.update({k: sel.get(k, float("nan")) for k in ("pairwise_f", "bcubed_f", "nmi")})
     out.update({f"{k}_all": everything[k] for k in ("pairwise_f", "bcubed_f", "nmi")})
     return out
@@ -126,7 +127,8 @@ def mean_sd(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
 
 def table(groups: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: mean ± sd over seeds per group, and imret minus the reference."""
-    lines = ["| method (seeds) | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = ["| method (seeds) | " + " | ".join(name for _, name in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
     for name, rows in groups.items():
         if rows:
             cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_sd(rows, k) for k, _ in COLUMNS)]
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster --open-world", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="hilander seeds to run (one run each)")
     parser.add_argument("--epochs", type=int, default=1000, help="hilander epochs (PSS: 1000)")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench_runs/open_world"))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench/open_world"))
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --out-dir")
     parser.add_argument("--no-density", action="store_true", help="skip the density-peak run")
     parser.add_argument("--scale", type=int, default=0, help="time training and inference on this many points")
