@@ -151,3 +151,79 @@ def test_a_model_sure_of_everything_merges_and_stops() -> None:
     graph = L.build_level_graph(L.l2_normalise(x), 5)
     np.testing.assert_allclose(density, graph.raw_affine.sum(1) / graph.valid.sum(1), atol=1e-5)
     np.testing.assert_array_equal(selected, density > 0.8)
+
+
+# ----------------------------------------------------------------------------- cluster.method: hilander
+
+
+def test_the_method_is_registered_and_given_known() -> None:
+    from imret.cluster.methods import LEARNS, get_method
+
+    assert "hilander" in LEARNS and get_method("hilander") is L.hilander
+
+
+def test_the_method_trains_keeps_its_files_and_clusters(tmp_path) -> None:
+    from imret.cluster.clustering import Known
+    from imret.config import ClusterConfig
+
+    x, y = blobs(sizes=(30, 24, 20, 16))
+    params = ClusterConfig(method="hilander", k=5)
+    params.hilander.epochs, params.hilander.hidden, params.hilander.device = 3, 16, "cpu"
+    result = L.hilander(x[::2], params, Known(x[1::2], y[1::2], tmp_path / "hl"))
+    assert result.labels.dtype == np.int64 and len(result.labels) == len(x[::2])
+    assert np.array_equal(result.selected, result.density.astype(np.float64) > params.thresh)
+    saved = torch.load(tmp_path / "hl" / L.CHECKPOINT, weights_only=True)
+    again = L.load_model(tmp_path / "hl" / L.CHECKPOINT, 8, L.LanderParams.from_config(params))
+    assert all(torch.equal(saved[k], v) for k, v in again.state_dict().items())
+    assert len((tmp_path / "hl" / L.TRAIN_LOG).read_text().splitlines()) == 3
+    assert result.info["training_graph_nodes"][0] == len(x[1::2]) and result.info["knn"] == "exact"
+
+
+@pytest.mark.parametrize("labels, message", [(None, "cluster.labelled"), ("one", "at least 2 classes"),
+                                             ("few", "too few")])
+def test_too_little_to_learn_from_is_a_clear_error(labels, message, tmp_path) -> None:
+    from imret.cluster.clustering import Known
+    from imret.config import ClusterConfig
+
+    x, y = blobs()
+    known = None if labels is None else Known(x[:30], np.zeros(30, np.int64) if labels == "one" else y[:30],
+                                               tmp_path)
+    if labels == "few":
+        known = Known(x[:3], np.array([0, 1, 1]), tmp_path)
+    with pytest.raises(ValueError, match=message):
+        L.hilander(x, ClusterConfig(method="hilander"), known)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hilander": {"epochs": 0}}, "cluster.hilander.epochs: must be >= 1"),
+    ({"hilander": {"lr": -1.0}}, "cluster.hilander.lr: must be >= 0"),
+    ({"hilander": {"train_levels": [2, 3]}}, "equally long"),
+    ({"hilander": {"train_k": [10, 1, 3]}}, "every k >= 2"),
+    ({"hilander": {"num_conv": 5}}, "1 to 4"),
+    ({"hilander": {"momentum": 1.0}}, "below 1"),
+    ({"hilander": {"device": "gpu0"}}, "cuda:N"),
+    ({"tau": 1.5}, "[-1, 1]"),
+    ({"tau": -0.1}, "probability"),
+    ({"index": "ivf"}, "HNSW only"),
+])
+def test_bad_hilander_settings_are_refused(change, message) -> None:
+    from imret.cluster.methods import check
+    from imret.config import from_dict
+
+    cluster = {"method": "hilander", "splits": ["u"], **change}
+    with pytest.raises(ValueError) as err:
+        check(from_dict({"cluster": cluster}, "x").cluster)
+    assert message in str(err.value)
+
+
+def test_pss_defaults_and_the_digest() -> None:
+    from imret.config import from_dict
+
+    cfg = from_dict({"cluster": {"method": "hilander"}}, "x")
+    p = L.LanderParams.from_config(cfg.cluster)
+    assert p == L.LanderParams(device="auto")  # the config's defaults are PSS's recipe, as LanderParams's
+    density = from_dict({}, "x")
+    retuned = from_dict({"cluster": {"hilander": {"epochs": 5}}}, "x")
+    assert retuned.digest() == density.digest()  # the density method does not read the hilander section
+    trained = from_dict({"cluster": {"method": "hilander", "hilander": {"epochs": 5}}}, "x")
+    assert trained.digest() != from_dict({"cluster": {"method": "hilander"}}, "x").digest()
