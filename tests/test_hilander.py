@@ -1,6 +1,6 @@
 """imret.cluster.hilander's own rules, on tiny graphs built here: what the reference file cannot pin down.
 
-The reference comparison (test_lander_reference.py) covers the numerics. These tests
+The reference comparison (test_hilander_reference.py) covers the numerics. These tests
 cover determinism, the equivalence of our minibatch and whole-graph paths, chunking,
 tie-breaking and the decoding rules, each on data small enough to reason about.
 """

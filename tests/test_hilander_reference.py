@@ -1,6 +1,6 @@
 """imret.cluster.hilander against the DGL Hi-LANDER it ports, through numbers the reference computed.
 
-hilander_reference.npz was written by make_reference.py in a DGL environment (its
+tests/data/hilander_reference.npz was written by bench/hilander_reference.py in a DGL environment (its
 docstring says how); these tests need no DGL. They load the reference's weights into our
 model by their own names and compare graphs, edge probabilities, densities, decodes, the
 whole hierarchical clustering, the losses and eight epochs of training.
@@ -17,7 +17,7 @@ import torch
 import imret.cluster.hilander as L
 
 REF = np.load(Path(__file__).parent / "data" / "hilander_reference.npz")
-CONFIGS = {  # the models of make_reference.py
+CONFIGS = {  # the models of bench/hilander_reference.py
     "A": dict(hidden=32, num_conv=1, gat=True, gat_k=1, use_cluster_feat=False),
     "B": dict(hidden=16, num_conv=2, gat=True, gat_k=2, use_cluster_feat=True),
     "C": dict(hidden=16, num_conv=1, gat=False, gat_k=1, use_cluster_feat=False),

@@ -22,7 +22,7 @@ def choose_parents(graph: LevelGraph, edge_dist: np.ndarray, density: np.ndarray
 
     An edge j -> i is kept when j is strictly denser and ``edge_dist < 1 - tau``. Ties go
     to the smaller j: the reference takes the first in edge-id order, and its edges come
-    from a COO matrix sorted by row, then column (checked in make_reference.py's graphs).
+    from a COO matrix sorted by row, then column (checked in bench/hilander_reference.py's graphs).
     -1: no kept edge (a peak).
     """
     nbr = graph.nbr_safe

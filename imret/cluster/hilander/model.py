@@ -4,8 +4,8 @@ Each graph conv is DGL's ``GATConv`` with one head by default (a bias-free proje
 attention scores ``attn_l``/``attn_r``, LeakyReLU 0.2, a softmax over the in-edges, a
 neighbour sum and a bias), then the reference's second bias, the mean over heads, ReLU
 and dropout (graphconv.py:40-63). The edge classifier reads src_mlp(source) +
-dst_mlp(destination) (lander.py:47-69), and a node's predicted density is the mean over
-its in-edges of similarity x (P(same) - P(other)) (lander.py:71-74). Weighted neighbour
+dst_mlp(destination) (the example's models/lander.py:47-69), and a node's predicted density is the mean over
+its in-edges of similarity x (P(same) - P(other)) (models/lander.py:71-74). Weighted neighbour
 sums are ``embedding_bag`` calls, which build no (edges x hidden) message tensor, as
 DGL's fused kernels do not. Module names are the reference's, so its state dicts load.
 """

@@ -2,7 +2,7 @@
 
 The loss is the density MSE over a minibatch's seed nodes plus the cross-entropy of
 their in-edges whose source is denser by ground truth, with the reference's balancing
-of positive and negative edges (lander.py:138-187). Each step takes the next minibatch
+of positive and negative edges (the example's models/lander.py:138-187). Each step takes the next minibatch
 of each training graph in turn; an epoch is as many rounds as the first graph has
 minibatches; SGD with momentum and weight decay, the learning rate on a cosine from
 ``lr`` to ``eta_min`` stepped every minibatch (train_subg_inat.py:157-217). Unlike the
