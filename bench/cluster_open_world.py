@@ -131,7 +131,8 @@ def table(groups: dict[str, list[dict[str, Any]]]) -> str:
              "|---" * (len(COLUMNS) + 1) + "|"]
     for name, rows in groups.items():
         if rows:
-            cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_sd(rows, k) for k, _ in COLUMNS)]
+            stats = [mean_sd(rows, k) for k, _ in COLUMNS]
+            cells = [f"{m:.3f} ± {sd:.3f}" if len(rows) > 1 else f"{m:.3f}" for m, sd in stats]
             seeds = ", ".join(str(r["seed"]) for r in rows)
             lines.append(f"| {name} ({seeds}) | " + " | ".join(cells) + " |")
     ours, ref = groups.get("imret hilander"), groups.get("DGL reference")
