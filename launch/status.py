@@ -38,6 +38,8 @@ def stage_rows(run: RunDir, stages: list[str]) -> list[dict[str, str]]:
         if run.is_done(stage):
             info = run.done_info(stage)
             row.update(state="DONE", elapsed=f"{info.get('seconds', '?')} s", note=f"finished {info.get('finished', '')}")
+            requeues = _requeues(entry) if entry else 0
+            row["note"] += f"; requeued {requeues} time(s)" if requeues else ""
         elif entry:
             _fill_from_scheduler(row, entry, failed, run)
             if row.pop("failed", False) and failed is None:
@@ -51,19 +53,25 @@ def _fill_from_scheduler(row: dict[str, Any], entry: dict[str, str], failed: str
     rep = report(entry, state)
     if entry["mode"] != "slurm":
         _fill_local(row, entry, run, rep)
-    elif state is None:
-        row["state"] = "UNKNOWN (no longer known to the scheduler)"
+    elif state is None:  # ended long ago (or on a scheduler restarted since): its logs still tell how
+        row.update(state="UNKNOWN (no longer known to the scheduler)", ended=bool(rep.causes))
     else:
         row.update(state=state.state, elapsed=state.elapsed, failed=state.failed and not failed)
         if failed and state.state in ("PENDING", "CANCELLED"):
             row["note"] = f"waits on the failed stage '{failed}': it will not run"
         elif state.reason:
             row["note"] = state.reason
-    if rep.requeues:
-        row["note"] = f"requeued {rep.requeues} time(s)" + (f"; {row['note']}" if row["note"] else "")
-    if row.get("failed") or row["state"].startswith("STOPPED"):
-        row["note"] = f"log: {Path(entry['stderr']).parent}"
+    ended = row.pop("ended", False) or row.get("failed") or row["state"].startswith("STOPPED")
+    notes = [f"requeued {rep.requeues} time(s)"] if rep.requeues else []
+    if ended:
+        notes.append("stopped on request after saving: submit again to continue" if rep.stopped else
+                     f"log: {Path(entry['stderr']).parent}")
         row["report"] = "\n".join(rep.lines())
+    row["note"] = "; ".join(notes + ([row["note"]] if row["note"] and not ended else []))
+
+
+def _requeues(entry: dict[str, str]) -> int:
+    return report(entry, slurm_state(entry["job_id"]) if entry["mode"] == "slurm" else None).requeues or 0
 
 
 def _fill_local(row: dict[str, Any], entry: dict[str, str], run: RunDir, rep: Any) -> None:
@@ -74,7 +82,7 @@ def _fill_local(row: dict[str, Any], entry: dict[str, str], run: RunDir, rep: An
         row["state"] = "RUNNING"
         row["note"] = f"local, controller pid {entry['job_id']}"
     elif rep.stopped:
-        row["state"] = "STOPPED (saved; submit again to continue)"
+        row["state"] = "STOPPED"
     else:
         row.update(state="FAILED", failed=True)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from slurm.state import JobState
 
-_SCHEDULER_LINE = re.compile(r"(srun: error: .*task \d+: .*|slurmstepd: error: .*|.*oom[-_]kill.*)")
+_SCHEDULER_LINE = re.compile(r"(srun: error: .*task \d+: .*|slurmstepd(-\S+)?: error: .*|.*oom[-_]kill.*)")
 _IMRET_LINE = re.compile(r"imret: (?!job \S+ rank \d+/)")  # imret's messages, not the start-up line of each rank
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Requested)|Killed)\b.*")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")
