@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from imret.config import ConfigError, Experiments
 from imret.rundir import RunDir
-from slurm.diagnose import report
+from slurm.diagnose import Report, report
 from slurm.state import slurm_state
 
 HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
@@ -74,7 +74,7 @@ def _requeues(entry: dict[str, str]) -> int:
     return report(entry, slurm_state(entry["job_id"]) if entry["mode"] == "slurm" else None).requeues or 0
 
 
-def _fill_local(row: dict[str, Any], entry: dict[str, str], run: RunDir, rep: Any) -> None:
+def _fill_local(row: dict[str, Any], entry: dict[str, str], run: RunDir, rep: Report) -> None:
     """A local job: running while its controller lives; afterwards stopped on request, or failed."""
     from slurm.ownership import controller_alive
 

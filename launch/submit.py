@@ -13,6 +13,7 @@ import json
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,23 +59,19 @@ def list_experiments(exps: Experiments) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
-    if threading_main():
+    if on_main_thread:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill <pid>` stops the submission as Ctrl-C does
     try:
         return _main(args)
-    except KeyboardInterrupt:
-        print(f"\nsubmit: interrupted. See what it submitted with `{status_command(args)}`", file=sys.stderr)
+    except KeyboardInterrupt:  # before or between submissions; a running local job is stopped in slurm.waiting
+        hint = f" See what it submitted with `{status_command(args)}`." if args.exp else ""
+        print(f"\nsubmit: interrupted.{hint}", file=sys.stderr)
         return 130
     finally:
-        if threading_main():
+        if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from imret.pipeline import Stage, pending
 from imret.rundir import RunDir, atomic_write_json
 from slurm.executors import make_executor
 from slurm.jobs import ArrayTaskJob, StageJob
-from slurm.waiting import Interrupted, StageFailed, local_start, wait_for
+from slurm.waiting import Interrupted, StageFailed, StoppedWaiting, local_start, wait_for
 
 __all__ = ["Interrupted", "StageFailed", "Submitted", "submit_chain", "submit_stage", "submit_sweep"]
 
@@ -89,8 +89,13 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
             wait_for(job, entry, pdb=pdb)
         previous = str(job.job_id)
     if mode == "slurm" and wait:
-        for job, entry in submitted:
-            wait_for(job, entry)
+        try:
+            for job, entry in submitted:
+                wait_for(job, entry)
+        except StoppedWaiting:
+            ids = " ".join(entry.job_id for _, entry in submitted)
+            raise StoppedWaiting(f"stopped waiting; jobs {ids} stay queued on SLURM (cancel them with "
+                              f"`scancel {ids}`)") from None
     return [entry for _, entry in submitted]
 
 

@@ -67,7 +67,8 @@ def report(entry: dict[str, Any], state: JobState | None = None, tail_lines: int
     logs = task_logs(entry)
     rep = Report()
     if state is not None:
-        rep.verdict = f"job {entry['job_id']}: {state.state}" + (f", {state.exit_summary()}" if state.exit_summary() else "")
+        summary = state.exit_summary()
+        rep.verdict = f"job {entry['job_id']}: {state.state}" + (f", {summary}" if summary else "")
         rep.requeues = state.restarts
     seen: set[str] = set()
     for task in sorted(logs):

@@ -20,11 +20,15 @@ same way but end the job instead of requeuing it (``slurm.signals``).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from slurm import signals
+
+if TYPE_CHECKING:  # the library is imported late, in the job (the submitting process stays light)
+    from imret.config import ExperimentConfig
 
 
 class StageJob:
@@ -91,7 +95,7 @@ def _log_allocation() -> None:
           f"({env.hostname}); gpus on node: {gpus}; CUDA_VISIBLE_DEVICES={visible or '(unset)'}", flush=True)
 
 
-def _requeue_refused(cfg: Any, stage: str) -> Any:
+def _requeue_refused(cfg: ExperimentConfig, stage: str) -> Callable[[str], str]:
     """The message for a job that submitit will not requeue again (one paragraph, no traceback)."""
     from slurm.executors import stage_resources
 

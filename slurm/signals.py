@@ -18,6 +18,7 @@ them out of the job. A requeue that submitit refuses (the time-out count reached
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -45,8 +46,11 @@ def route(explain: Callable[[str], str]) -> Handler | None:
     usr = submitit.JobEnvironment._usr_sig()
     submitit_handler = signal.getsignal(usr)
     submitit_handler = submitit_handler if callable(submitit_handler) else None
+    rank_pid = os.getpid()  # forked data-loader workers inherit these handlers; they leave stopping to their rank
 
     def on_preemption(sig: int, frame: FrameType | None) -> None:
+        if os.getpid() != rank_pid:
+            return
         if stopping.is_cooperating():
             _say(f"received {signal.Signals(sig).name}; stopping at the next safe point for a requeue")
             stopping.request(stopping.REQUEUE)
@@ -54,6 +58,8 @@ def route(explain: Callable[[str], str]) -> Handler | None:
             call_submitit(submitit_handler, explain)
 
     def on_ending(sig: int, frame: FrameType | None) -> None:
+        if os.getpid() != rank_pid:
+            return
         if stopping.is_cooperating():
             _say(f"received {signal.Signals(sig).name}; saving at the next safe point, then ending")
             stopping.request(stopping.END)

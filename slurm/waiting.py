@@ -20,12 +20,15 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from slurm.diagnose import report
 from slurm.state import slurm_state
+
+if TYPE_CHECKING:
+    from slurm.chain import Submitted
 
 
 class StageFailed(RuntimeError):
@@ -34,6 +37,10 @@ class StageFailed(RuntimeError):
 
 class Interrupted(RuntimeError):
     """The user stopped the submission (Ctrl-C, SIGTERM); the message says what was kept."""
+
+
+class StoppedWaiting(Interrupted):
+    """The user stopped waiting for SLURM jobs, which stay queued."""
 
 
 @contextlib.contextmanager
@@ -49,7 +56,7 @@ def local_start(active: bool) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def wait_for(job: submitit.Job[Any], entry: Any, poll_s: float = 1.0, pdb: bool = False) -> None:
+def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0, pdb: bool = False) -> None:
     """Block until the job ends, echoing its rank-0 output; raise StageFailed or Interrupted."""
     if entry.mode == "debug":
         _run_here(job, entry, pdb)
@@ -63,15 +70,15 @@ def wait_for(job: submitit.Job[Any], entry: Any, poll_s: float = 1.0, pdb: bool 
             time.sleep(poll_s)
     except KeyboardInterrupt:
         if entry.mode != "local":
-            raise Interrupted(f"stopped waiting; job {entry.job_id} ({entry.stage}) and the jobs after it stay "
-                              f"queued on SLURM") from None
+            raise StoppedWaiting(f"stopped waiting; job {entry.job_id} ({entry.stage}) and the jobs after it "
+                                 f"stay queued on SLURM") from None
         _stop_local(job, follower)
         raise Interrupted(f"{entry.stage} (job {entry.job_id}) was stopped") from None
     follower.echo()
     _check_outcome(job, entry)
 
 
-def _check_outcome(job: submitit.Job[Any], entry: Any) -> None:
+def _check_outcome(job: submitit.Job[Any], entry: Submitted) -> None:
     if job.paths.result_pickle.exists():
         try:
             job.results()
@@ -83,8 +90,10 @@ def _check_outcome(job: submitit.Job[Any], entry: Any) -> None:
     if rep.not_requeued:
         message = next(c for c in rep.causes if "was not requeued" in c).removeprefix("imret: ")
         raise StageFailed(f"stage '{entry.stage}' ended: {message}")
-    if rep.stopped:
-        raise Interrupted(f"{entry.stage} (job {entry.job_id}) was stopped")
+    if rep.stopped:  # someone else stopped it (scancel, kill -TERM): its ranks saved first
+        raise StageFailed(f"stage '{entry.stage}' was stopped on request (job {entry.job_id}"
+                          f"{f': {state.state}' if state else ''}) after saving its state; submitting the experiment "
+                          f"again continues it")
     lines = "\n".join(rep.lines())
     raise StageFailed(f"stage '{entry.stage}' failed (job {entry.job_id}); its logs are in "
                       f"{Path(entry.stderr).parent}\n{lines}")
@@ -136,7 +145,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _run_here(job: Any, entry: Any, pdb: bool) -> None:
+def _run_here(job: Any, entry: Submitted, pdb: bool) -> None:
     """Run a ``--cluster debug`` job in this process; a failure opens the debugger only with ``pdb``."""
     if pdb:
         job.results()  # submitit's own: post-mortem debugging at the failure
@@ -160,7 +169,7 @@ def _run_here(job: Any, entry: Any, pdb: bool) -> None:
         stopping.clear()
 
 
-def _debug_failure(entry: Any, err: Exception) -> str:
+def _debug_failure(entry: Submitted, err: Exception) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     log = Path(entry.stderr)
