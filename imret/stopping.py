@@ -11,8 +11,10 @@ A stop has one of two purposes. ``REQUEUE`` (preemption, time-out: USR2) means t
 launcher (``slurm/jobs.py``) requeues the job, which resumes from that checkpoint.
 ``END`` (SIGTERM from ``scancel``, ``scontrol requeue`` or a node going away; Ctrl-C
 on a local submission) means the job ends after saving: the scheduler, or the user,
-decides what runs next. When ranks were asked for both, ``END`` wins: a job that is
-being cancelled cannot requeue itself.
+decides what runs next. When ranks were asked for both, ``REQUEUE`` wins: that is how
+a preemption arrives where SIGTERM comes first and USR2 after it (submitit's model of
+a preemption, and sites with ``PreemptParameters=send_user_signal``); a SIGTERM alone
+never makes a job requeue itself, so a job the user cancelled stays cancelled.
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ def clear() -> None:
 
 
 def purpose() -> str:
-    """What the agreed stop is for: ``END`` if any rank was asked to end, else ``REQUEUE``."""
+    """What the agreed stop is for: ``REQUEUE`` if any rank was asked for a requeue, else ``END``."""
     if _agreed:
         return _agreed[-1]
-    return END if _requested[END].is_set() else REQUEUE
+    return REQUEUE if _requested[REQUEUE].is_set() else END
 
 
 def is_cooperating() -> bool:
@@ -78,11 +80,12 @@ def cooperating() -> Iterator[None]:
 def agreed(info: DistInfo) -> bool:
     """Whether any rank has been asked to stop (a collective: every rank must call it).
 
-    The ranks also agree on the stop's purpose, so that all of them leave the same way.
+    The ranks also agree on the stop's purpose, so that all of them leave the same way;
+    calling it again after a stop renews that agreement (a USR2 may follow a SIGTERM).
     """
     flags = torch.tensor([float(_requested[p].is_set()) for p in _PURPOSES], device=info.device)
     votes = all_reduce_sum(flags, info).tolist()
     if not any(votes):
         return False
-    _agreed.append(END if votes[_PURPOSES.index(END)] else REQUEUE)
+    _agreed.append(REQUEUE if votes[_PURPOSES.index(REQUEUE)] else END)
     return True

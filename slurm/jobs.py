@@ -50,6 +50,9 @@ class StageJob:
         try:
             return run_stage(cfg, self.stage)
         except stopping.StopRequested:
+            signals.stopped()
+            if stopping.purpose() == stopping.END:
+                signals.await_requeue_request()
             if stopping.purpose() == stopping.REQUEUE:
                 signals.requeue(submitit_handler, explain)
             signals.end(self.stage)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from imret.rundir import RunDir
 from slurm.state import SchedulerUnreachable, live_jobs
 
 LOCK_NAME = "submit.lock"
@@ -82,7 +83,8 @@ def _entries(root: Path) -> list[dict[str, Any]]:
 
 
 def _check_live(root: Path, force: bool, status_hint: str) -> None:
-    entries = _entries(root)
+    # Jobs of a stage that is done are only finishing: the next submission skips that stage.
+    entries = [e for e in _entries(root) if not RunDir(root).is_done(e["stage"].split("-")[0])]
     slurm_ids = list(dict.fromkeys(e["job_id"] for e in entries if e["mode"] == "slurm"))
     try:
         live = live_jobs(slurm_ids)

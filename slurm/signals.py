@@ -12,14 +12,18 @@ ignores it trains on and loses everything after its last checkpoint. So here:
   stage's finished parts are on disk and skipped when it runs again).
 
 After the ranks have stopped at a safe point and saved, ``requeue`` or ``end`` takes
-them out of the job. A requeue that submitit refuses (the time-out count reached
-``resources.max_requeues``) is explained in one paragraph instead of a traceback.
+them out of the job. A stop to end waits a few seconds first, on SLURM, in case a USR2
+follows the SIGTERM (a preemption that asks for a requeue; see ``imret.stopping``). A
+requeue that submitit refuses (the time-out count reached ``resources.max_requeues``),
+or that the scheduler refuses (the job is being cancelled), is explained in one
+paragraph instead of a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from imret import stopping
 
 EXIT_STOPPED = 75  # stopped at a safe point on request, state saved: submitting again continues (EX_TEMPFAIL)
 EXIT_NOT_REQUEUED = 76  # timed out once too often: state saved, but no more requeues
+USR2_AFTER_SIGTERM_S = 5.0  # how long a stop to end waits for a USR2 that turns it into a requeue (SLURM only)
 ENDING = (signal.SIGTERM, signal.SIGINT)
 
 Handler = Callable[[int, FrameType | None], Any]
@@ -81,6 +86,9 @@ def call_submitit(handler: Handler, explain: Callable[[str], str]) -> None:
         reason = str(err).removeprefix("Job not requeued because: ").rstrip(".")
         print(f"imret: {explain(reason)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_NOT_REQUEUED)
+    except subprocess.CalledProcessError:  # `scontrol requeue` refused: the job is being cancelled
+        print(f"imret: {explain('the scheduler refused to requeue it: it is ending')}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
 
 
 def requeue(submitit_handler: Handler | None, explain: Callable[[str], str]) -> None:
@@ -94,7 +102,7 @@ def requeue(submitit_handler: Handler | None, explain: Callable[[str], str]) -> 
     """
     import torch.distributed as dist
 
-    _ignore_ending()
+    stopped()
     if submitit.JobEnvironment().global_rank == 0 and submitit_handler is not None:
         call_submitit(submitit_handler, explain)  # calls checkpoint(), requeues, exits
     if dist.is_initialized():
@@ -106,11 +114,25 @@ def requeue(submitit_handler: Handler | None, explain: Callable[[str], str]) -> 
     sys.exit(-1)
 
 
+def await_requeue_request() -> None:
+    """On SLURM, give a USR2 that may follow the SIGTERM time to arrive, then let the ranks agree again."""
+    stopped()
+    if submitit.JobEnvironment().cluster != "slurm":
+        return
+    from imret.distributed import from_env
+
+    time.sleep(USR2_AFTER_SIGTERM_S)
+    try:
+        stopping.agreed(from_env())  # a collective: every rank that stopped to end calls it
+    except Exception:  # a peer is gone already: the job is ending, as agreed
+        pass
+
+
 def end(stage: str) -> None:
     """After a stop to end: leave the process group together and exit with ``EXIT_STOPPED``."""
     import torch.distributed as dist
 
-    _ignore_ending()
+    stopped()
     if submitit.JobEnvironment().global_rank == 0:
         _say(f"{stage} stopped on request after saving its state; submitting the experiment again continues it")
     if dist.is_initialized():
@@ -122,11 +144,18 @@ def end(stage: str) -> None:
     sys.exit(EXIT_STOPPED)
 
 
-def _ignore_ending() -> None:
+def stopped() -> None:
+    """Once the ranks have stopped and saved: signals only add to the request (the ranks leave together).
+
+    A USR2 still asks for a requeue (``await_requeue_request`` looks for it); SIGTERM,
+    such as the one ``scontrol requeue`` sends, is only logged.
+    """
     def note(sig: int, frame: FrameType | None) -> None:
+        if sig == submitit.JobEnvironment._usr_sig():
+            stopping.request(stopping.REQUEUE)
         _say(f"received {signal.Signals(sig).name} while leaving; already stopping")
 
-    for sig in ENDING:
+    for sig in (*ENDING, submitit.JobEnvironment._usr_sig()):
         signal.signal(sig, note)
 
 
