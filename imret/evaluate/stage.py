@@ -34,5 +34,6 @@ def evaluate_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[s
     ev = cfg.evaluate
     data = load_inputs(cfg, run)
     result = evaluate(data.queries, data.query_labels, data.database, data.database_labels, list(ev.metrics),
-                      self_ids=data.split.self_ids, roc_pairs=ev.roc_pairs, seed=ev.seed)
+                      self_ids=data.split.self_ids, roc_pairs=ev.roc_pairs, seed=ev.seed,
+                      triplet_batch=ev.triplet_batch)
     return finish(cfg, run, info, result, data.split)
