@@ -410,4 +410,6 @@ def _summary(cfg: ExperimentConfig, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch import run_program
+
+    run_program(main)
