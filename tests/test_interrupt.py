@@ -54,6 +54,8 @@ def test_ctrl_c_stops_the_ranks_at_a_safe_point_and_a_resubmission_resumes(targe
     finally:
         kill_session(proc)
 
+    if target == "submit alone":
+        return  # this stop saved the same checkpoint as the other case; resuming is checked once, in that case
     # The resubmission resumes from that checkpoint and finishes the training.
     code = submit(["--experiments", str(experiments), "--exp", "tiny", "--cluster", "local"])
     assert code == 0, capsys.readouterr().err
