@@ -388,11 +388,28 @@ def _dry_run(cfg: ExperimentConfig, mode: str, after: str | None = None) -> None
         shape = stage_shape(cfg, stage.name, mode)
         print(f"\nstage {stage.name} [{state}]: {shape.nodes} node(s) x {shape.tasks_per_node} task(s)"
               f"{f', {shape.gpus_per_node} GPU(s) per node' if shape.gpus_per_node else ''} = {shape.ranks} rank(s)")
+        if stage.name == "cluster":
+            print(_cluster_line(cfg))
         if mode == "slurm" and stage in todo:
             dependency = f"afterok:<{previous} job id>" if previous else None
             print(sbatch_preview(cfg, stage.name, run.jobs / "%j", dependency))
             previous = stage.name
     print("\ndry run: nothing submitted")
+
+
+def _cluster_line(cfg: ExperimentConfig) -> str:
+    """What the cluster stage runs: the method, what it clusters and learns from, its thresholds."""
+    c = cfg.cluster
+    learns = ""
+    if c.method == "hilander":
+        h = c.hilander
+        learns = (f"; Hi-LANDER trained on {'+'.join(c.labelled) or 'nothing'}"
+                  f"{' + the samples selected so far' if c.cumulative else ''} "
+                  f"(k {','.join(map(str, h.train_k))} x levels {','.join(map(str, h.train_levels))}, "
+                  f"{h.epochs} epochs, device {h.device})")
+    return (f"  cluster {c.method}: {'+'.join(c.splits)}"
+            f"{', only what earlier iterations left' if c.cumulative and cfg.data.pseudo_labels else ''}; "
+            f"k {c.k}, tau {c.tau:g}, thresh {c.thresh:g}{learns}")
 
 
 def _summary(cfg: ExperimentConfig, seconds: float) -> None:

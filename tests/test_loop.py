@@ -19,7 +19,7 @@ SHRINK = ["--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", 
           "--set", "data.num_workers=0", "--set", "extract.num_workers=0", "--set", "model.backbone=test_vit",
           "--set", "model.embed_dim=16", "--set", "train.epochs=1", "--set", "train.checkpoint_every=0",
           "--set", "resources.local_ranks=2", "--set", "cluster.tau=0.5", "--set", "cluster.thresh=0.5",
-          "--set", "data.eval_resize=0"]
+          "--set", "data.eval_resize=0", "--set", "cluster.hilander.epochs=20", "--set", "cluster.hilander.hidden=16"]
 
 
 def test_inat_iter1_dry_run_prints_the_whole_chain(capsys, tmp_path):
@@ -28,7 +28,12 @@ def test_inat_iter1_dry_run_prints_the_whole_chain(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.index("experiment inat_smoothap_iter0") < out.index("experiment inat_smoothap_iter1")
     assert out.count("stage train [to run]: 1 node(s) x 8 task(s), 8 GPU(s) per node = 8 rank(s)") == 2
-    assert out.count("#SBATCH --gpus-per-node=8") == 8  # train, extract, evaluate, cluster of both iterations
+    assert out.count("#SBATCH --gpus-per-node=8") == 6  # train, extract, evaluate of both iterations
+    # the cluster stage trains Hi-LANDER in one process on one GPU, on L_in and the selections so far
+    assert out.count("stage cluster [to run]: 1 node(s) x 1 task(s), 1 GPU(s) per node = 1 rank(s)") == 2
+    assert out.count("#SBATCH --gpus-per-node=1") == 2
+    assert ("cluster hilander: uin+uout, only what earlier iterations left; k 10, tau 0.9, thresh 0.8; Hi-LANDER "
+            "trained on lin + the samples selected so far (k 10,5,3 x levels 2,3,4, 1000 epochs") in out
     assert "lr=1e-05 head_lr_mult=1; batch 384 (pk, K=4); epochs 400" in out and "embed_dim=128" in out
     assert "smooth_ap{'temperature': 0.01}" in out
     assert "train on lin, uin, uout with pseudo-labels from inat_smoothap_iter0; weights from pretrained" in out
