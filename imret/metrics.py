@@ -188,6 +188,18 @@ def depth_needed(names: Sequence[str], max_positives: int, database_size: int) -
     return min(depth, database_size)
 
 
+def per_query(ranks: Ranks, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each rank metric of ``names`` for every query of ``ranks``, queries without positives
+    included (``compute`` leaves those out of the mean). A query's value depends on its own
+    ranks only, so blocks of queries give the same values as all queries at once."""
+    out = {}
+    for name in names:
+        found = _match(name)
+        if found is not None:  # pair metrics are computed elsewhere
+            out[name] = found[0](ranks, found[1])
+    return out
+
+
 def compute(ranks: Ranks, names: Sequence[str]) -> dict[str, float]:
     """Mean of each rank metric over the queries that have at least one positive."""
     valid = np.flatnonzero(ranks.num_positives > 0)

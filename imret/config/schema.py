@@ -236,6 +236,10 @@ class EvaluateConfig:
     """Split the database search over this many array tasks."""
     roc_pairs: int = 1_000_000
     """Most (query, item) pairs for roc_auc; above it, a seeded sample."""
+    block_mb: float = 512
+    """Memory budget (MiB) of the exact full-ranking scan, all threads together: its score blocks,
+    counting tables and temporaries (not the features themselves). Larger is faster up to ~128
+    query rows per thread; one query row (about 20 bytes per database item) is the least."""
 
 
 @dataclass

@@ -86,6 +86,9 @@ def _validate_model(model: ModelConfig) -> None:
 def _validate_evaluate(ev: EvaluateConfig) -> None:
     if ev.db_shards < 1:
         raise ConfigError(f"evaluate.db_shards: must be >= 1, got {ev.db_shards}")
+    if not ev.block_mb > 0:
+        raise ConfigError(f"evaluate.block_mb: the scan's memory budget must be a positive number of MiB, "
+                          f"got {ev.block_mb}; the default is 512")
 
 
 def _validate_resources(res: ResourcesConfig) -> None:
