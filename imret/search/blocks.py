@@ -9,9 +9,11 @@ temporaries; the features themselves are the caller's.
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -21,11 +23,30 @@ T = TypeVar("T")
 
 CPU_BLOCK_ELEMENTS = 1 << 21  # scores per block on CPU: the block's temporaries stay in cache
 GPU_BLOCK_ELEMENTS = 1 << 26
-DEFAULT_BLOCK_MB = 512  # evaluate.block_mb's default (imret.config.schema)
-MAX_ROWS = {"cpu": 128, "cuda": 4096}  # more rows buy no faster matrix product
+DEFAULT_BLOCK_MB = 512.0  # evaluate.block_mb's default (imret.config.schema)
+MAX_ROWS = {"cpu": 256, "cuda": 4096}  # more rows buy no faster matrix product (measured)
 
 
 GEMM_ROWS = 32  # CPU products run on a multiple of this many query rows (see ``score_block``)
+
+
+_GPU_PATH = contextvars.ContextVar("imret_gpu_path", default=False)
+
+
+def on_gpu(dev: torch.device) -> bool:
+    """Whether work on ``dev`` takes the GPU's code path: on a GPU, or inside ``gpu_path()``."""
+    return dev.type == "cuda" or _GPU_PATH.get()
+
+
+@contextmanager
+def gpu_path() -> Iterator[None]:
+    """Run the GPU's code path (one block at a time, one counting call per block, torch's sort
+    and scan) on whatever device the tensors are on: tests check it on the CPU."""
+    token = _GPU_PATH.set(True)
+    try:
+        yield
+    finally:
+        _GPU_PATH.reset(token)
 
 
 def as_float32(x: np.ndarray) -> np.ndarray:
@@ -39,14 +60,14 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 def block_rows(n: int, dev: torch.device) -> int:
     """Query rows per block for a database of ``n`` items (fixed element count; no budget);
     on CPU a multiple of ``GEMM_ROWS``, so that blocks start where ``score_block``'s groups do."""
-    if dev.type == "cuda":
+    if on_gpu(dev):
         return max(1, GPU_BLOCK_ELEMENTS // max(n, 1))
     return max(1, CPU_BLOCK_ELEMENTS // max(n, 1) // GEMM_ROWS) * GEMM_ROWS
 
 
 def workers(dev: torch.device) -> int:
     """Blocks computed at once: one per core on CPU (``map_spans``), one on a GPU."""
-    return max(1, torch.get_num_threads()) if dev.type == "cpu" else 1
+    return 1 if on_gpu(dev) else max(1, torch.get_num_threads())
 
 
 def rows_within(budget_mb: float, dev: torch.device, per_row: int, per_worker: int = 0) -> int:
@@ -57,12 +78,12 @@ def rows_within(budget_mb: float, dev: torch.device, per_row: int, per_worker: i
     budget is exceeded (by about 128 bytes per database item and worker).
     """
     share = budget_mb * (1 << 20) / workers(dev) - per_worker
-    rows = min(MAX_ROWS.get(dev.type, MAX_ROWS["cuda"]), share // max(per_row, 1))
+    rows = min(MAX_ROWS["cuda" if on_gpu(dev) else "cpu"], share // max(per_row, 1))
     return int(max(GEMM_ROWS, rows // GEMM_ROWS * GEMM_ROWS))
 
 
 def padded_rows(rows: int, dev: torch.device) -> int:
-    return -(-rows // GEMM_ROWS) * GEMM_ROWS if dev.type == "cpu" else rows
+    return rows if on_gpu(dev) else -(-rows // GEMM_ROWS) * GEMM_ROWS
 
 
 def score_block(queries: np.ndarray, database: torch.Tensor, work: Workspace) -> torch.Tensor:
@@ -121,7 +142,7 @@ def map_spans(fn: Callable[[int, int, Workspace], T], spans: Sequence[tuple[int,
     busy through the serial steps (bincount, table lookups), and unlike OpenMP teams on
     each small operation it does not stall when another process takes a core.
     """
-    if dev.type != "cpu":
+    if on_gpu(dev):
         work = Workspace()
         return [fn(lo, hi, work) for lo, hi in spans]
     local = threading.local()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imret.search.blocks import Workspace
+from imret.search.blocks import Workspace, on_gpu
 
 CELLS_PER_THRESHOLD = 16  # cells holding two distinct thresholds stay rare (~0.3% of scores)
 MIN_CELLS, MAX_CELLS = 1 << 8, 1 << 17  # per row; 2**17 int32 cells: a 512 KiB table
@@ -52,7 +52,7 @@ def cell_count(max_thresholds: int) -> int:
 def group_rows(cells: int, dev: torch.device) -> int:
     """Rows per counting call: the call's cell table fits in cache on CPU (one call per block on GPU)."""
     most = FLAT_CELLS // cells
-    return max(1, min(most, TABLE_BYTES // (4 * cells))) if dev.type == "cpu" else max(1, most)
+    return max(1, most) if on_gpu(dev) else max(1, min(most, TABLE_BYTES // (4 * cells)))
 
 
 def count_at_least(scores: torch.Tensor, thresholds: torch.Tensor, n_thr: torch.Tensor,
@@ -125,6 +125,13 @@ class Counter:
         torch.minimum(y, self.hi[rows], out=y)
         return out.copy_(y)  # int32 indices: half the memory traffic of int64
 
+    def _cells_of(self, value: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The cells of scores of any rows: the same operations, elementwise, so the same cells."""
+        y = value * self.inv[row, 0]
+        y += self.off[row, 0]
+        y = torch.minimum(torch.maximum(y, self.lo[row, 0]), self.hi[row, 0])
+        return y.to(torch.int64)
+
     def _above(self, padded: torch.Tensor) -> None:
         """above[G, i*W + j + 1]: group G's row i's j-th threshold, the one that place j -> j + 1
         crosses; -FLT_MAX at the crowded bins. A zero threshold is stored as -0.0, so that
@@ -186,7 +193,9 @@ class Counter:
         g, n = part.shape
         dev, numel = part.device, g * n
         y = work.get("y", numel, torch.float32, dev).view(g, n)
-        cells = self._cells(part, rows, y, work.get("cells", numel, torch.int32, dev).view(g, n)).view(-1)
+        # the cells overwrite their own float coordinates (an elementwise cast in place): one
+        # buffer fewer for the cache to hold
+        cells = self._cells(part, rows, y, y.view(torch.int32)).view(-1)
         place = self.place[lo * self.cells:(lo + g) * self.cells]
         flat = torch.index_select(place, 0, cells, out=work.get("flat", numel, torch.int32, dev))
         above = torch.index_select(self.above[group], 0, flat, out=y.view(-1))
@@ -199,7 +208,8 @@ class Counter:
         if not int(counts[self.spare:].sum()):
             return None
         where = _at_least(flat, self.spare)
-        return part.reshape(-1)[where], cells[where].long() + lo * self.cells
+        value = part.reshape(-1)[where]
+        return value, self._cells_of(value, lo + where // n) + lo * self.cells
 
     def _place_crowded(self, value: torch.Tensor, cell: torch.Tensor) -> None:
         """Count scores of crowded cells at their exact places: a binary search among the cell's thresholds."""
@@ -226,6 +236,6 @@ class Counter:
 
 def _at_least(flat: torch.Tensor, bound: int) -> torch.Tensor:
     """Positions of the (rare) entries >= bound."""
-    if flat.device.type == "cpu":  # numpy's comparison and scan are several times faster here
+    if not on_gpu(flat.device):  # numpy's comparison and scan are several times faster here
         return torch.from_numpy(np.flatnonzero(flat.numpy() >= bound))
     return (flat >= bound).nonzero().squeeze(1)

@@ -25,7 +25,7 @@ import torch
 
 from imret.metrics import Ranks
 from imret.search.blocks import (
-    DEFAULT_BLOCK_MB, Workspace, as_float32, default_device, map_spans, rows_within, score_block, spans_of,
+    DEFAULT_BLOCK_MB, Workspace, as_float32, default_device, map_spans, on_gpu, rows_within, score_block, spans_of,
 )
 from imret.search.counting import Counter, cell_count, group_rows
 from imret.search.knn import Neighbours
@@ -33,17 +33,19 @@ from imret.search.labels import LabelIndex, positives_per_query
 from imret.search.topk import CHUNK, block_topk, positive_floor
 
 Consume = Callable[[np.ndarray, Ranks], None]  # (the block's query indices, their Ranks)
-TEMP_BYTES = 13  # per score of a counting call: cells, flat places, compare buffer (4 each), crowded mask (1)
-THRESHOLD_BYTES = 64  # per positive of a block row: its index, score, tables and counts
+TEMP_BYTES = 8  # per score of a counting call: cells (then the thresholds they cross), flat places
+THRESHOLD_BYTES = 128  # per positive of a block row: its index, score, tables, counts and ranks
+FIXED_BYTES = 16 << 20  # per worker: the product's own buffers, a block's small tensors
 
 
 def plan_rows(n: int, max_positives: int, block_mb: float, dev: torch.device) -> int:
     """Query rows per block so that all workers' blocks fit ``block_mb`` (at least one row)."""
     cells = cell_count(max_positives)
-    per_row = 4 * n + 4 * cells + THRESHOLD_BYTES * max(max_positives, 1) + 4 * (n // CHUNK + 1)
-    if dev.type == "cpu":  # the counting temporaries cover one group of rows per worker
-        return rows_within(block_mb, dev, per_row, TEMP_BYTES * group_rows(cells, dev) * n)
-    return rows_within(block_mb, dev, per_row + TEMP_BYTES * n)
+    # per row: its scores, its cell table (and the buffer it is summed from), its positives, chunk maxima
+    per_row = 4 * n + 8 * cells + THRESHOLD_BYTES * max(max_positives, 1) + 4 * (n // CHUNK + 1)
+    if on_gpu(dev):  # one counting call per block: temporaries for every row
+        return rows_within(block_mb, dev, per_row + TEMP_BYTES * n, FIXED_BYTES)
+    return rows_within(block_mb, dev, per_row, TEMP_BYTES * group_rows(cells, dev) * n + FIXED_BYTES)
 
 
 @dataclass
@@ -131,9 +133,10 @@ def _thresholds(scores: torch.Tensor, order: np.ndarray, start: np.ndarray, coun
         is_pos &= cols != own[:, None]
     mask = torch.from_numpy(is_pos).to(dev)
     values = torch.where(mask, torch.gather(scores, 1, torch.from_numpy(cols).to(dev)), torch.inf)
-    if dev.type == "cpu":  # numpy's vectorised sort is tens of times faster than torch's on CPU
-        return torch.from_numpy(np.sort(values.numpy(), axis=1)), mask.sum(1)
-    return values.sort(dim=1).values, mask.sum(1)
+    if on_gpu(dev):
+        return values.sort(dim=1).values, mask.sum(1)
+    # numpy's vectorised sort is tens of times faster than torch's on CPU
+    return torch.from_numpy(np.sort(values.numpy(), axis=1)), mask.sum(1)
 
 
 def block_ranks(at_least: torch.Tensor, thresholds: torch.Tensor, n_pos: torch.Tensor, num_positives: np.ndarray,
