@@ -64,10 +64,34 @@ def _check_model(cfg: ExperimentConfig) -> None:
 
 
 def _check_metrics(cfg: ExperimentConfig) -> None:
-    from imret.metrics import check_metric_name
+    from imret.metrics import check_metric_name, is_triplet_metric
 
-    for name in cfg.evaluate.metrics:
+    named = [("evaluate.metrics", name) for name in cfg.evaluate.metrics]
+    if cfg.train.validation.every:
+        named.append(("train.validation.metric", cfg.train.validation.metric))
+    for where, name in named:
         try:
             check_metric_name(name)
         except ValueError as err:
-            raise ConfigError(f"evaluate.metrics: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
+        if where == "evaluate.metrics" and is_triplet_metric(name) and cfg.evaluate.db_shards > 1:
+            raise ConfigError(f"evaluate.metrics: {name} draws (query, positive, negative) triples from the whole "
+                              f"database, which a sharded evaluation (evaluate.db_shards: {cfg.evaluate.db_shards}) "
+                              "never holds at once; set evaluate.db_shards: 1 or leave the triplet metrics out")
+
+
+def check_weights(cfg: ExperimentConfig) -> None:
+    """ConfigError naming the fetch command when the pretrained weights a job will load are not cached.
+
+    Asked at submit, before anything is written or queued (it needs the machine's files, so
+    it is not part of ``check``, which ``--dry-run`` and ``--print-config`` also run). The
+    weights are loaded where a model is built from scratch: training, and extracting ``init``.
+    """
+    if not cfg.model.pretrained or not ("train" in cfg.stages or cfg.extract.checkpoint == "init"):
+        return
+    from imret.models.weights import require_cached, weights_name  # late: pulls in torch
+
+    try:
+        require_cached(cfg.model.weights_dir, weights_name(cfg.model.backbone), cfg.name)
+    except ValueError as err:
+        raise ConfigError(f"experiment '{cfg.name}': {err}") from None

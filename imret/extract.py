@@ -67,6 +67,10 @@ def extract_split(cfg: ExperimentConfig, run: RunDir, info: DistInfo, model: Emb
             print(f"extract: {split} is complete ({out / 'manifest.json'}), skipped", flush=True)
         return int(features.read_manifest(run, split)["num_samples"])
     reader = ShardSplit(cfg.data.root, split)
+    if len(reader) == 0:  # every rank sees the same manifest, so every rank stops here; nothing is written
+        raise ValueError(f"extract: split '{split}' of {cfg.data.root} holds no samples, so there is nothing to "
+                         f"embed or evaluate. Rebuild it with `python -m shards.write`, or name another split in "
+                         f"evaluate.query / evaluate.database / extract.splits.")
     part = features.part_path(out, info.rank, info.world_size)
     if part.exists():
         print(f"extract: {split} part {info.rank} exists, skipped", flush=True)
@@ -101,9 +105,11 @@ def _write_part(cfg: ExperimentConfig, info: DistInfo, model: EmbeddingNet, read
 
 
 def _embed(model: EmbeddingNet, images: torch.Tensor) -> torch.Tensor:
-    """Float32 embeddings on the CPU; mixed precision (bfloat16 autocast) on GPU."""
+    """Float32 embeddings on the CPU; mixed precision (bfloat16 autocast) on GPU. Always L2-normalised,
+    also for a model that trains on raw features (``model.normalize: false``): the search is by inner product."""
     if images.device.type != "cuda":
-        return model(images).float().cpu()
+        emb = model(images).float().cpu()
+        return emb if getattr(model, "normalize", True) else torch.nn.functional.normalize(emb, dim=1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         emb = model(images)
     return torch.nn.functional.normalize(emb.float(), dim=1).cpu()

@@ -23,10 +23,27 @@ With ranks r_1 <= r_2 <= ... <= r_R of a query's R positives and h_j hits at the
 - ``recall@k``      1 if r_1 <= k (some positive in the top k)
 - ``top1``, ``top3``  the sketch seed's names for recall@1 and recall@3
 
+The seeds' own definitions, under their own names next to the standard ones
+(docs/seeds.md; each is checked against the seed's code in tests/test_seed_metrics.py):
+
+- ``mips_map@k``    the CIFAR seed's "mAP": (1/k) * sum_{j: r_j <= k} h_j / r_j, divided by k
+                    whatever R is (equal to map@k when every query has >= k positives)
+- ``ap_hits@k``     the CBIR seed's AP@r: sum_{j: r_j <= k} h_j / r_j over the number of
+                    positives in the top k (0 when there is none)
+
 Pair metrics are functions of the similarities of (query, database item) pairs instead
 (``pair_metrics``): ``roc_auc`` (area under the ROC curve of "same class" against
-similarity, ties counted half, as scikit-learn's ``roc_auc_score``), and ``cos_sim_pos`` /
-``cos_sim_neg``, the mean similarity of positive and of negative pairs.
+similarity, ties counted half, as scikit-learn's ``roc_auc_score``), ``roc21_auc`` (the
+sketch seed's curve: 21 thresholds 0, 0.05, ..., 1, a pair called positive when its
+similarity >= the threshold, the trapezoid over those 21 points only), and
+``cos_sim_pos`` / ``cos_sim_neg``, the mean similarity of positive and of negative pairs.
+
+Triplet metrics (``triplet_metrics``) are the sketch seed's validation figures, over
+(query, positive, negative) triples cut into batches (``imret.evaluate.triplets`` draws
+them): ``inbatch_topK`` (1 when one of the K batch positives most similar to the query has
+its class: a class match among the batch's positives, not the query's own positive), and
+``cos_sim_triplet_pos`` / ``cos_sim_triplet_neg``, the mean cosine of each query with its
+own positive and negative.
 
 Queries without any positive are left out of every mean and counted separately.
 A ``Ranks`` object knows the depth to which it ranked the database; a metric that
@@ -147,6 +164,25 @@ def precision_at_1(ranks: Ranks) -> np.ndarray:
     return recall_at(ranks, 1)
 
 
+def mips_average_precision(ranks: Ranks, k: int) -> np.ndarray:
+    """The CIFAR seed's per-query AP (``process_data/mips_cifar.py``): the precisions at the hits
+    of the top k, summed and divided by k itself, not by min(k, R)."""
+    _require_depth(ranks, k, f"mips_map@{k}")
+    _, j = ranks.positions()
+    return _per_query_sum(ranks, j / ranks.ranks, ranks.ranks <= k) / k
+
+
+def ap_over_hits(ranks: Ranks, k: int) -> np.ndarray:
+    """The CBIR seed's AP@r (``utils/metrics.py: APatk``): the precisions at the hits of the top k
+    over the number of hits there; 0 for a query with no hit in its top k."""
+    _require_depth(ranks, k, f"ap_hits@{k}")
+    _, j = ranks.positions()
+    keep = ranks.ranks <= k
+    total = _per_query_sum(ranks, j / ranks.ranks, keep)
+    hits = _per_query_sum(ranks, np.ones(len(keep)), keep)
+    return np.divide(total, hits, out=np.zeros_like(total), where=hits > 0)
+
+
 METRIC_PATTERNS: list[tuple[re.Pattern[str], Callable[[Ranks, re.Match[str]], np.ndarray]]] = [
     (re.compile(r"map"), lambda r, m: average_precision(r)),
     (re.compile(r"map@R"), lambda r, m: map_at_r(r)),
@@ -155,8 +191,11 @@ METRIC_PATTERNS: list[tuple[re.Pattern[str], Callable[[Ranks, re.Match[str]], np
     (re.compile(r"precision@1"), lambda r, m: precision_at_1(r)),
     (re.compile(r"recall@(\d+)"), lambda r, m: recall_at(r, int(m.group(1)))),
     (re.compile(r"top(\d+)"), lambda r, m: recall_at(r, int(m.group(1)))),
+    (re.compile(r"mips_map@(\d+)"), lambda r, m: mips_average_precision(r, int(m.group(1)))),
+    (re.compile(r"ap_hits@(\d+)"), lambda r, m: ap_over_hits(r, int(m.group(1)))),
 ]
-PAIR_METRICS = ("roc_auc", "cos_sim_pos", "cos_sim_neg")  # need similarities, not ranks (imret.evaluate)
+PAIR_METRICS = ("roc_auc", "roc21_auc", "cos_sim_pos", "cos_sim_neg")  # need similarities, not ranks
+TRIPLET_METRIC = re.compile(r"inbatch_top(\d+)|cos_sim_triplet_pos|cos_sim_triplet_neg")  # need triples
 
 
 def _match(name: str) -> tuple[Callable[[Ranks, re.Match[str]], np.ndarray], re.Match[str]] | None:
@@ -167,11 +206,16 @@ def _match(name: str) -> tuple[Callable[[Ranks, re.Match[str]], np.ndarray], re.
     return None
 
 
+def is_triplet_metric(name: str) -> bool:
+    return TRIPLET_METRIC.fullmatch(name) is not None
+
+
 def check_metric_name(name: str) -> None:
-    if name in PAIR_METRICS or _match(name):
+    if name in PAIR_METRICS or is_triplet_metric(name) or _match(name):
         return
     raise ValueError(f"unknown metric '{name}'; metrics are map, map@K, map@R, r_precision, precision@1, "
-                     f"recall@K, topK, {', '.join(PAIR_METRICS)}")
+                     f"recall@K, topK, mips_map@K, ap_hits@K, {', '.join(PAIR_METRICS)}, inbatch_topK, "
+                     "cos_sim_triplet_pos, cos_sim_triplet_neg")
 
 
 def depth_needed(names: Sequence[str], max_positives: int, database_size: int) -> int:
@@ -254,18 +298,85 @@ def roc_curve(similarities: np.ndarray, is_positive: np.ndarray) -> RocCurve:
     return RocCurve(np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], np.r_[np.inf, sims[last]])
 
 
+ROC21_THRESHOLDS = np.array(range(0, 105, 5)) / 100  # the sketch seed's grid, computed as it computes it
+
+
+def grid_roc(similarities: np.ndarray, is_positive: np.ndarray,
+             thresholds: np.ndarray = ROC21_THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+    """(tpr, fpr) at each threshold, a pair called positive when its similarity >= the threshold
+    (the sketch seed's ``utils/roc_curve_from_scratch.py``); needs positive and negative pairs."""
+    sims = np.asarray(similarities, np.float64)
+    pos = np.asarray(is_positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"a ROC curve needs positive and negative pairs; got {n_pos} positive and {n_neg} negative "
+                         "(the sketch seed's script divides 0 by 0 here)")
+    tp = n_pos - np.searchsorted(np.sort(sims[pos]), thresholds, side="left")
+    fp = n_neg - np.searchsorted(np.sort(sims[~pos]), thresholds, side="left")
+    return tp / n_pos, fp / n_neg
+
+
+def grid_roc_auc(similarities: np.ndarray, is_positive: np.ndarray) -> float:
+    """``|trapezoid(tpr, fpr)|`` over the 21 grid points only, no (0, 0) or (1, 1) added; the seed
+    prints it rounded to 4 places."""
+    tpr, fpr = grid_roc(similarities, is_positive)
+    return float(abs(np.add.reduce(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0)))
+
+
 def pair_metrics(similarities: np.ndarray, is_positive: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """The requested ``PAIR_METRICS`` (nan where the pairs hold no positive or no negative)."""
     sims = np.asarray(similarities, np.float64)
     pos = np.asarray(is_positive, bool)
     out: dict[str, float] = {}
+    both = pos.any() and (~pos).any()
     if "roc_auc" in names:
-        out["roc_auc"] = roc_curve(sims, pos).auc if pos.any() and (~pos).any() else float("nan")
+        out["roc_auc"] = roc_curve(sims, pos).auc if both else float("nan")
+    if "roc21_auc" in names:
+        out["roc21_auc"] = grid_roc_auc(sims, pos) if both else float("nan")
     if "cos_sim_pos" in names:
         out["cos_sim_pos"] = float(sims[pos].mean()) if pos.any() else float("nan")
     if "cos_sim_neg" in names:
         out["cos_sim_neg"] = float(sims[~pos].mean()) if (~pos).any() else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------- triplet metrics
+
+
+def triplet_metrics(cross: np.ndarray, negative: np.ndarray, query_labels: np.ndarray, positive_labels: np.ndarray,
+                    names: Sequence[str]) -> dict[str, float]:
+    """The requested triplet metrics over batches of triples (nan when there is no batch).
+
+    ``cross[b, i, j]``: cosine of batch b's query i with its positive j; ``negative[b, i]``:
+    of query i with its own negative; ``query_labels`` / ``positive_labels``: ``[b, i]``.
+    A query's top k are its k most similar batch positives (equal cosines in batch order).
+    """
+    out: dict[str, float] = {}
+    empty = cross.size == 0
+    for name in names:
+        m = TRIPLET_METRIC.fullmatch(name)
+        if m is None:
+            continue
+        if empty:
+            out[name] = float("nan")
+        elif m.group(1):
+            out[name] = float(inbatch_hits(cross, query_labels, positive_labels, int(m.group(1))).mean())
+        elif name == "cos_sim_triplet_pos":
+            out[name] = float(np.diagonal(cross, axis1=1, axis2=2).mean())
+        else:
+            out[name] = float(negative.mean())
+    return out
+
+
+def inbatch_hits(cross: np.ndarray, query_labels: np.ndarray, positive_labels: np.ndarray, k: int) -> np.ndarray:
+    """1 where one of the query's k most similar batch positives has the query's class (the sketch seed's top-k)."""
+    batch = cross.shape[-1]
+    if not 1 <= k <= batch:
+        raise ValueError(f"inbatch_top{k} needs batches of at least {k} triples, got {batch}; "
+                         "raise evaluate.triplet_batch")
+    top = np.argsort(-cross, axis=-1, kind="stable")[..., :k]  # [b, i, k] positions in the batch
+    top_labels = np.take_along_axis(np.broadcast_to(positive_labels[:, None, :], cross.shape), top, axis=-1)
+    return (top_labels == query_labels[..., None]).any(axis=-1).astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- clustering quality

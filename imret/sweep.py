@@ -3,7 +3,8 @@
 ``sweep.grid`` maps config key paths to lists of values, or to mappings from a short
 name to a value (the name then stands for the value in the point's name, e.g.
 ``loss.terms: {angular30: [...], triplet02: [...]}``); the cross product gives the
-points. ``sweep.points`` adds explicit override sets (a point may name itself with
+points, named like ``lr-0.1_terms-angular30`` (every name matches the safe-name
+pattern of ``imret.config.names``). ``sweep.points`` adds explicit override sets (a point may name itself with
 ``name:``). Each point becomes a full experiment config of its own, whose run
 directory is ``runs/<experiment>/<point name>``, so every array task has its own
 checkpoints, features and results, and ``tools/gather.py --exp '<experiment>/*'``
@@ -14,13 +15,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from imret.config import SweepConfig
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+from imret.config.names import suggest
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,9 @@ def expand(sweep: SweepConfig) -> list[Point]:
         values = {k: v for k, v in point.items() if k != "name"}
         name = str(point.get("name") or "_".join(_label(k, v) for k, v in values.items()) or f"point{i}")
         points.append(Point(name, tuple(_override(k, v) for k, v in values.items())))
-    return _unique([Point(_UNSAFE.sub("-", p.name).strip("-")[:120] or "point", p.overrides) for p in points])
+    # A point's name becomes a directory: made to match the one safe-name pattern (imret.config.names),
+    # so "lr=0.1" is written "lr-0.1".
+    return _unique([Point(suggest(p.name, "point")[:120].rstrip("-"), p.overrides) for p in points])
 
 
 def _unique(points: list[Point]) -> list[Point]:
@@ -79,7 +80,9 @@ def select(points: list[Point], only: list[str]) -> list[Point]:
     if not only:
         return points
     names = {p.name for p in points}
-    unknown = [n for n in only if n not in names]
+    # names as written before points were made safe ("lr=0.1") still select their point ("lr-0.1")
+    wanted = [n if n in names else suggest(n, "point") for n in only]
+    unknown = [n for n, w in zip(only, wanted) if w not in names]
     if unknown:
         raise ValueError(f"--only: no sweep point named {', '.join(unknown)}; points: {', '.join(sorted(names))}")
-    return [p for p in points if p.name in only]
+    return [p for p in points if p.name in wanted]

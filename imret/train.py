@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imret import checkpoint as ckpt_lib
+from imret import selection as select_lib
 from imret import stopping
 from imret.config import ExperimentConfig, OptimConfig, ScheduleConfig
 from imret.data.loader import TrainData
@@ -29,6 +31,7 @@ from imret.losses import Criterion, build_criterion
 from imret.models import build_model
 from imret.models.embedding import EmbeddingNet
 from imret.rundir import RunDir
+from imret.selection import Selection
 from imret.tb import Board, make_board
 
 
@@ -39,23 +42,27 @@ class NonFiniteLoss(RuntimeError):
 class Trainee(nn.Module):
     """The model and its loss in one module, so DDP sees every trained parameter."""
 
-    def __init__(self, model: EmbeddingNet, criterion: Criterion, info: DistInfo) -> None:
+    def __init__(self, model: EmbeddingNet, criterion: Criterion, info: DistInfo, loss_fp32: bool = True) -> None:
         super().__init__()
-        self.model, self.criterion, self.info = model, criterion, info
+        self.model, self.criterion, self.info, self.loss_fp32 = model, criterion, info, loss_fp32
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         embeddings = gather_with_grad(self.model(images).float(), self.info)
         all_labels = gather_with_grad(labels, self.info)
-        return self.criterion(embeddings, all_labels)
+        # Under autocast, the float32 embeddings would be cast back down inside the loss's matmuls.
+        full = torch.autocast(embeddings.device.type, enabled=False) if self.loss_fp32 else contextlib.nullcontext()
+        with full:
+            return self.criterion(embeddings, all_labels)
 
 
 def param_groups(model: EmbeddingNet, criterion: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Backbone at the base lr, heads and loss parameters at lr * head_lr_mult; no decay on 1-D tensors."""
+    """Backbone at the base lr, heads and loss parameters at lr * head_lr_mult; no decay on 1-D tensors
+    unless ``optim.decay_1d``; frozen parameters left out."""
     head_ids = {id(p) for p in model.head_parameters()} | {id(p) for p in criterion.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in list(model.parameters()) + list(criterion.parameters()):
         if p.requires_grad:
-            groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
+            groups.setdefault((id(p) in head_ids, p.ndim <= 1 and not optim.decay_1d), []).append(p)
     out = []
     for (is_head, no_decay), params in sorted(groups.items()):
         out.append({
@@ -66,11 +73,30 @@ def param_groups(model: EmbeddingNet, criterion: nn.Module, optim: OptimConfig) 
     return out
 
 
+def check_classifier_size(cfg: ExperimentConfig, num_classes: int, labelled_classes: int) -> None:
+    """ValueError naming the fix when a loss's fixed classifier has fewer classes than the labels need.
+
+    Pseudo-labels are numbered after the labelled classes, so a classifier sized for one
+    iteration (the PSS seed's 1024) can be too small for the pseudo-classes of the next.
+    """
+    for i, term in enumerate(cfg.loss.terms):
+        fixed = term.params.get("num_classes")
+        if fixed is None or fixed >= num_classes:
+            continue
+        pseudo = (f" ({labelled_classes} labelled classes + {num_classes - labelled_classes} pseudo-classes from "
+                  f"{cfg.data.pseudo_labels})" if cfg.data.pseudo_labels else "")
+        raise ValueError(
+            f"loss.terms[{i}] ({term.name}): the classifier has num_classes={fixed}, but the training labels need "
+            f"{num_classes}{pseudo}. Give it room with --set loss.terms.{i}.params.num_classes={num_classes} (and "
+            f"--force, since the run's config changes), or drop num_classes so that the classifier follows the labels."
+        )
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
+    return cls(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)  # type: ignore[arg-type]
 
 
 def lr_factor(sched: ScheduleConfig, epoch: float, epochs: int, base_lr: float) -> float:
@@ -114,13 +140,14 @@ class Training:
         self.model = build_model(cfg.model)
         if cfg.train.init_from:
             ckpt_lib.load_init_weights(self.model, cfg.train.init_from, cfg.run.root)
+        check_classifier_size(cfg, self.data.num_classes, self.data.labelled_classes)
         self.criterion = build_criterion(cfg.loss.terms, self.model.embed_dim, self.data.num_classes,
                                          self.data.labelled_classes)
         self.model.to(self.device)
         self.criterion.to(self.device)
         if self.on_gpu and cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        trainee = Trainee(self.model, self.criterion, info)
+        trainee = Trainee(self.model, self.criterion, info, cfg.train.loss_fp32)
         self.module: nn.Module = DDP(trainee, device_ids=[self.device] if self.on_gpu else None) if info.distributed else trainee
         if cfg.train.compile:
             self.module = torch.compile(self.module)  # type: ignore[assignment]
@@ -129,7 +156,10 @@ class Training:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: lr_factor(cfg.schedule, n * acc / steps, cfg.train.epochs, cfg.optim.lr))
         self.checkpointer = ckpt_lib.Checkpointer(run.ckpt, cfg.train.keep_checkpoints, cfg.train.keep_epoch_checkpoints)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler is a no-op)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.on_gpu and cfg.train.amp == "fp16")
         self.position = Position()
+        self.selection = Selection()
 
     @property
     def on_gpu(self) -> bool:
@@ -146,7 +176,7 @@ class Training:
         return {
             "model": self.model.state_dict(), "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "position": vars(self.position).copy(), "rng": ckpt_lib.rng_state(),
+            "position": vars(self.position).copy(), "rng": ckpt_lib.rng_state(), "scaler": self.scaler.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -156,13 +186,17 @@ class Training:
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
         ckpt_lib.set_rng_state(state["rng"])
+        if state.get("scaler"):  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
 
-    def resume(self) -> bool:
-        latest = self.checkpointer.latest()
-        if latest is None:
-            return False
-        self.load(ckpt_lib.load_state(latest))
-        return True
+    def resume(self) -> Path | None:
+        """Load the newest readable checkpoint; its path, or None when training starts afresh."""
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return None
+        self.load(found[1])
+        self.selection = Selection.from_meta(ckpt_lib.read_meta(found[0]))
+        return found[0]
 
     def save(self, epoch_end: bool) -> None:
         if self.info.is_main:
@@ -170,6 +204,8 @@ class Training:
             # epoch: 1-based; at an epoch end the epoch just finished, else the one in progress
             meta = {"epoch": pos.epoch if epoch_end else pos.epoch + 1, "epoch_end": epoch_end,
                     "global_step": pos.global_step, "config_digest": self.cfg.digest()}
+            if self.cfg.train.validation.every:
+                meta["selection"] = self.selection.to_meta()
             self.checkpointer.save(self.state(), pos.global_step, meta)
 
 
@@ -185,9 +221,10 @@ def batches(training: Training) -> Iterator[tuple[int, int, Any]]:
 def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str, Any]:
     """The stage: train from the newest checkpoint (or from the start) to the end, on every rank."""
     training = Training(cfg, run, info)
-    if training.resume():
+    resumed = training.resume()
+    if resumed:
         pos = training.position
-        print(f"train: resumed from {training.checkpointer.latest()} at epoch {pos.epoch + 1}, step {pos.step} "
+        print(f"train: resumed from {resumed} at epoch {pos.epoch + 1}, step {pos.step} "
               f"(global step {pos.global_step})", flush=True)
     board = make_board(info, run.tb)
     try:
@@ -195,7 +232,15 @@ def train_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[str,
             last_loss = _loop(training, board)
     finally:
         board.close()
-    return {"global_step": training.position.global_step, "final_loss": last_loss}
+    if training.position.global_step == 0:  # nothing trained and nothing saved: the stage must not be marked done
+        raise ValueError(f"train: no training step was run (data.steps_per_epoch {training.data.steps_per_epoch}, "
+                         f"train.max_steps {cfg.train.max_steps}), so there is no checkpoint to extract from. Check "
+                         f"data.train_splits holds enough samples for one batch of {cfg.data.batch_size}.")
+    summary: dict[str, Any] = {"global_step": training.position.global_step, "final_loss": last_loss}
+    if cfg.train.validation.every:
+        sel = training.selection
+        summary.update(best=sel.best, best_epoch=sel.best_epoch, best_step=sel.best_step, stopped_early=sel.stopped)
+    return summary
 
 
 def _loop(training: Training, board: Board) -> float:
@@ -203,6 +248,8 @@ def _loop(training: Training, board: Board) -> float:
     steps = training.data.steps_per_epoch
     meter = _Meter(cfg.data.batch_size)
     loss_value = float("nan")
+    if training.selection.stopped:  # resumed after early stopping: nothing left to train
+        return loss_value
     training.module.train()
     for epoch, step, (images, labels, index) in batches(training):
         if cfg.train.max_steps and pos.global_step >= cfg.train.max_steps:
@@ -216,7 +263,10 @@ def _loop(training: Training, board: Board) -> float:
             _log(training, board, meter, loss_value, parts, epoch, step, steps)
         if step + 1 == steps:
             pos.epoch, pos.step = epoch + 1, 0
+            _validate(training, board, epoch + 1)  # before the save, whose metadata carries the selection
             training.save(epoch_end=True)
+            if training.selection.stopped:
+                break
         elif cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
             training.save(epoch_end=False)
         if stopping.agreed(info):
@@ -224,6 +274,24 @@ def _loop(training: Training, board: Board) -> float:
     if cfg.train.max_steps and pos.step:  # stopped mid-epoch by max_steps: keep that state too
         training.save(epoch_end=False)
     return loss_value
+
+
+def _validate(training: Training, board: Board, epoch: int) -> None:
+    """Validate after ``epoch`` (1-based) when it is due, and update the selection (every rank)."""
+    cfg, sel = training.cfg, training.selection
+    val = cfg.train.validation
+    if not select_lib.due(val, epoch):
+        return
+    value = select_lib.validate(cfg, training.run, training.info, training.model, epoch)
+    improved = sel.record(val, epoch, training.position.global_step, value)
+    gs = training.position.global_step
+    board.scalar(f"validation/{val.metric}", value, gs)
+    if sel.best is not None:
+        board.scalar(f"validation/best_{val.metric}", sel.best, gs)
+    if training.info.is_main:
+        verdict = "a new best" if improved else f"best {sel.best} after epoch {sel.best_epoch}, {sel.bad} without improvement"
+        stop = f"; stopping early (patience {val.patience})" if sel.stopped else ""
+        print(f"train: validation after epoch {epoch}: {val.metric} {value:.4f} ({verdict}){stop}", flush=True)
 
 
 def _stop_here(training: Training) -> None:
@@ -251,15 +319,19 @@ def _step(training: Training, images: torch.Tensor, labels: torch.Tensor, index:
     if not math.isfinite(value):
         raise _non_finite(training, value, index)
     acc = cfg.optim.accumulate
-    (loss * info.world_size / acc).backward()
+    scaler = training.scaler
+    scaler.scale(loss * info.world_size / acc).backward()
     if (step + 1) % acc == 0:
         params = [p for g in training.optimizer.param_groups for p in g["params"]]
+        if cfg.optim.grad_clip or logging:
+            scaler.unscale_(training.optimizer)  # clip and log the true gradients, not the loss-scaled ones
         if cfg.optim.grad_clip:
             training.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
         elif logging:  # without clipping the norm is only logged: skip it on other steps
             grads = [p.grad for p in params if p.grad is not None]
             training.last_grad_norm = float(torch.nn.utils.get_total_norm(grads))
-        training.optimizer.step()
+        scaler.step(training.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         training.optimizer.zero_grad(set_to_none=True)
         training.scheduler.step()
     return value, {k: float(v) for k, v in parts.items()}

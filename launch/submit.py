@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=[], metavar="POINT",
                    help="for a sweep: run only these points (names as --dry-run lists them)")
     p.add_argument("--experiments", type=Path, default=ROOT / "experiments.yaml", help="experiments file")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (with --set overrides) as YAML and exit; nothing is submitted or written")
     return p
 
 
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.exp:
             raise ConfigError("name an experiment with --exp NAME (see --list)")
         cfg = checks.resolve(exps, args.exp, args.overrides)
+        if args.print_config:
+            print(yaml_text(cfg), end="")
+            return 0
         if cfg.sweep.grid or cfg.sweep.points:
             return _submit_sweep(cfg, exps, args)
         if args.only:
@@ -69,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
+
+
+def yaml_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as the run directory's config.yaml would hold it."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def upstream(exps: Experiments, cfg: ExperimentConfig, overrides: list[str],
@@ -205,6 +217,9 @@ def _needed_splits(cfg: ExperimentConfig) -> list[str]:
     from imret.extract import splits_to_extract
 
     splits = list(cfg.data.train_splits) if "train" in cfg.stages else []
+    val = cfg.train.validation
+    if "train" in cfg.stages and val.every:
+        splits += [s for s in (val.query, val.database) if s]
     if "extract" in cfg.stages:
         splits += splits_to_extract(cfg)
     if "cluster" in cfg.stages:
@@ -217,6 +232,7 @@ def _check_data(cfg: ExperimentConfig) -> None:
 
     for split in _needed_splits(cfg):
         read_manifest(cfg.data.root, split)  # raises ShardError (a ValueError) naming the fix
+    checks.check_weights(cfg)  # pretrained weights in the local cache: jobs never download
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -227,13 +243,12 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _write_config(cfg: ExperimentConfig, force: bool) -> Path:
-    import yaml
-
+    from imret.config.load import read_yaml_file
     from imret.rundir import RunDir
 
     run = RunDir(cfg.run_dir)
     if run.config.exists():
-        old = yaml.safe_load(run.config.read_text())
+        old = read_yaml_file(run.config)
         changes = _diff(old, cfg.to_dict())
         if changes and not force:
             raise ConfigError(

@@ -7,7 +7,16 @@ carved out of train, per fine class and never random across runs:
   (2N+1)-th ... images (rank in class % N == 0): 100 per class for N = 5;
 - ``--valid-ratio R``: within each fine class, ``R * n`` images (rounded as in
   ``shards.common.split_counts``) picked by ``--seed`` (``shards.common.seeded_order``
-  of their index in the train file).
+  of their index in the train file);
+- ``--valid-set-order R``: within each fine class, the first ``n // R`` images in the
+  iteration order of a Python set of their train-file indices, added in file order: the
+  CIFAR seed's ``process_data/make_train_valid.py --ratio R`` (``list(set(...))[:n // R]``;
+  R = 25 holds out 20 of each class's 500). CPython lays a set of ints out by the value
+  modulo its table size, so the order is neither random nor ascending, and fixed.
+
+``--database-split`` also writes a ``database`` split of every train image in file order,
+the held-out ones included: the CIFAR seed trains without its valid images but searches
+all 50,000 train images.
 
 Labels are the fine labels (class names from ``meta``); each sample's json has the
 coarse label and name, the original file name and its index in the train/test file.
@@ -42,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="move every N-th train image of each class (from the first) to a 'valid' split")
     valid.add_argument("--valid-ratio", type=float, default=0.0, metavar="R",
                        help="move a seeded fraction R of each class's train images to a 'valid' split")
+    valid.add_argument("--valid-set-order", type=int, default=0, metavar="R",
+                       help="move the first n // R of each class in Python set order to 'valid' (the CIFAR seed's)")
+    group.add_argument("--database-split", action="store_true",
+                       help="also write a 'database' split of every train image (valid ones included)")
     group.add_argument("--seed", type=int, default=0, help="seed of --valid-ratio's choice (default 0)")
 
 
@@ -91,7 +104,17 @@ def items_of(file: str, data: dict[str, Any], coarse_names: list[str]) -> list[t
     return items
 
 
-def carve_valid(train: list[tuple], every: int, ratio: float, seed: int) -> tuple[list[tuple], list[tuple]]:
+def set_order_head(indices: list[int], ratio: int) -> list[int]:
+    """The first ``len // ratio`` of ``indices`` in the iteration order of a set they were added to
+    one by one, in the given order (the CIFAR seed's ``list(pic_set)[:valid_num]``)."""
+    pic_set: set[int] = set()
+    for i in indices:
+        pic_set.add(i)
+    return list(pic_set)[: len(pic_set) // ratio]
+
+
+def carve_valid(train: list[tuple], every: int, ratio: float, seed: int,
+                set_order: int = 0) -> tuple[list[tuple], list[tuple]]:
     """Split train items into (train, valid) per fine class; file order kept in both."""
     by_class: dict[int, list[int]] = {}
     for i, item in enumerate(train):
@@ -100,6 +123,8 @@ def carve_valid(train: list[tuple], every: int, ratio: float, seed: int) -> tupl
     for indices in by_class.values():
         if every:
             valid.update(indices[::every])
+        elif set_order:
+            valid.update(set_order_head(indices, set_order))  # the index in the train file is the item's position
         else:
             chosen = seeded_split([str(train[i][3]["index"]) for i in indices],
                                   [1 - Fraction(str(ratio)), Fraction(str(ratio))], seed)[1]
@@ -110,8 +135,9 @@ def carve_valid(train: list[tuple], every: int, ratio: float, seed: int) -> tupl
 def sources(args: Any) -> list[SplitSource]:
     src = require_src(args, "CIFAR-100's python version (meta, train, test)")
     every, ratio, seed = getattr(args, "valid_every", 0), getattr(args, "valid_ratio", 0.0), getattr(args, "seed", 0)
-    if every < 0 or not 0 <= ratio < 1:
-        raise ValueError("--valid-every must be >= 1 and --valid-ratio in [0, 1)")
+    set_order = getattr(args, "valid_set_order", 0)
+    if every < 0 or set_order < 0 or not 0 <= ratio < 1:
+        raise ValueError("--valid-every and --valid-set-order must be >= 1 and --valid-ratio in [0, 1)")
     meta_path = require_file(src / "meta", "CIFAR-100 file")
     with open(meta_path, "rb") as f:
         meta = pickle.load(f, encoding="bytes")
@@ -120,9 +146,13 @@ def sources(args: Any) -> list[SplitSource]:
     train = items_of("train", load(src / "train"), coarse_names)
     test = items_of("test", load(src / "test"), coarse_names)
     splits = {"train": train}
-    if every or ratio:
-        splits["train"], splits["valid"] = carve_valid(train, every, ratio, seed)
+    if every or ratio or set_order:
+        splits["train"], splits["valid"] = carve_valid(train, every, ratio, seed, set_order)
     splits["test"] = test
+    if getattr(args, "database_split", False):
+        splits["database"] = train
     info = {"source": str(src.resolve()), "image_format": "png", "valid_every": every, "valid_ratio": ratio,
             "seed": seed}
+    if set_order:  # recorded only when used, so that shards written before this option stay current
+        info["valid_set_order"] = set_order
     return [SplitSource(name, fine_names, items, encode, info) for name, items in splits.items()]

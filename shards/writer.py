@@ -7,11 +7,11 @@ Layout (read by ``imret.data.shards``)::
     <out>/<split>/manifest.json            written last: the split is complete
 
 A shard is written under a temporary name and renamed into place when full, then its
-index is written beside it; a shard counts as finished only when both exist. An
-interrupted write therefore leaves no half-written shard under a final name, and a
-rerun keeps the finished shards and continues with the next item: converters list
-their items in a fixed order, so the first finished shards always hold the first
-samples.
+index is written beside it; a shard counts as finished only when both exist
+(``shards.stream`` writes them). An interrupted write therefore leaves no half-written
+shard under a final name, and a rerun keeps the finished shards and continues with the
+next item: converters list their items in a fixed order, so the first finished shards
+always hold the first samples.
 
 Bad images. A converter's ``encode`` raises :class:`BadImage` for an image it cannot
 use (missing, unreadable, truncated). The worker turns it into a :class:`Skipped`
@@ -27,203 +27,44 @@ A split remembers what wrote it (dataset, converter version, the converter's opt
 and the number of items, in ``.writer-state.json`` and in the manifest). A rerun with
 different options or a different source rewrites the split from scratch instead of
 keeping shards that hold other samples.
+
+Repair. A rerun over a complete split checks every shard against the manifest (the
+tar's size, the index's sample count and byte ranges) and rewrites the missing or
+damaged ones, each from its own items: the index of the shard before says where its
+items start, and the manifest's ``shard_bytes`` where it ends. A rewritten shard must
+come out as the manifest describes it (size, samples and SHA-256); if the source
+changed, that is an error (``--overwrite`` then writes the whole split again).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import io
 import json
 import os
 import sys
-import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from multiprocessing import Pool
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
-DEFAULT_SHARD_BYTES = 256 * 1024 * 1024  # WebDataset's guidance: shards of 100 MB to 1 GB
+from shards.stream import (  # re-exported: converters and tests import them from here
+    DEFAULT_SHARD_BYTES, BadImage, Sample, ShardStream, Skipped, SplitSource, encoded, finished_shards, index_tar,
+    resume_point, shard_name,
+)
+
+__all__ = ["DEFAULT_SHARD_BYTES", "BadImage", "Sample", "SplitSource", "finished_shards", "index_tar", "shard_name",
+           "BAD_IMAGE_POLICIES", "BadImageError", "SettingsChanged", "write_split", "write_dataset", "clear_split"]
+
 BAD_IMAGE_POLICIES = ("fail", "skip")
 STATE_FILE = ".writer-state.json"
 
 
-class BadImage(Exception):
-    """Raised by a converter's ``encode`` for an image it cannot use; carries the file and why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        super().__init__(str(path), reason)
-        self.path, self.reason = str(path), reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
 class BadImageError(Exception):
     """A bad image under the ``fail`` policy: the write stops (finished shards are kept)."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """What a worker returns instead of a Sample for an item whose image is bad."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class Sample:
-    """One encoded sample, ready to write."""
-
-    key: str  # unique in the split, no dots (WebDataset splits key and extension at the first dot)
-    label: int
-    image: bytes
-    ext: str  # image format: png, jpg
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SplitSource:
-    """What a converter hands the writer for one split."""
-
-    name: str
-    class_names: list[str]
-    items: list[Any]  # converter-specific descriptions of each sample, in a fixed order
-    encode: Callable[[Any], Sample]  # turns an item into a Sample (runs in worker processes)
-    info: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest (source, options)
-
-
-def shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:06d}.tar"
-
-
-def index_tar(path: Path, labels: dict[str, int]) -> dict[str, np.ndarray]:
-    """Each sample's byte range [start, end) inside a finished tar, in file order."""
-    ranges: dict[str, list[int]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            key = os.path.basename(member.name).partition(".")[0]
-            key = os.path.join(os.path.dirname(member.name), key) if os.path.dirname(member.name) else key
-            end = member.offset_data + (member.size + 511) // 512 * 512
-            span = ranges.setdefault(key, [member.offset, end])
-            span[1] = end
-    keys = list(ranges)
-    return {
-        "keys": np.array(keys, dtype=str),
-        "labels": np.array([labels[k] for k in keys], dtype=np.int64),
-        "starts": np.array([ranges[k][0] for k in keys], dtype=np.int64),
-        "ends": np.array([ranges[k][1] for k in keys], dtype=np.int64),
-    }
-
-
-def finished_shards(split_dir: Path, split: str) -> list[dict[str, Any]]:
-    """The contiguous run of finished shards (tar + index) from number 0."""
-    done = []
-    while True:
-        tar = split_dir / shard_name(split, len(done))
-        idx = tar.with_suffix(".idx.npz")
-        if not (tar.exists() and idx.exists()):
-            return done
-        with np.load(idx) as z:
-            count = len(z["keys"])
-        done.append({"name": tar.name, "num_samples": count, "bytes": tar.stat().st_size})
-
-
-class _ShardStream:
-    """Writes samples into numbered shards, closing one when it reaches the byte budget."""
-
-    def __init__(self, split_dir: Path, split: str, first_number: int, shard_bytes: int, first_item: int) -> None:
-        self.split_dir, self.split, self.shard_bytes = split_dir, split, shard_bytes
-        self.number = first_number
-        self.next_item = first_item  # the item after the last one written or skipped
-        self.entries: list[dict[str, Any]] = []
-        self.skipped: list[dict[str, str]] = []  # every item skipped by this stream, in order
-        self._pending: list[dict[str, str]] = []  # skipped since the last shard was closed
-        self._writer: wds.TarWriter | None = None
-        self._labels: dict[str, int] = {}
-        self._bytes = 0
-
-    def _open(self) -> None:
-        tmp = self.split_dir / f".{shard_name(self.split, self.number)}.tmp"
-        self._tmp = tmp
-        self._writer = wds.TarWriter(str(tmp), mtime=0, user="imret", group="imret", format="GNU_FORMAT")
-        self._labels, self._bytes = {}, 0
-
-    def write(self, sample: Sample) -> None:
-        if self._writer is None:
-            self._open()
-        assert "." not in sample.key, f"sample key {sample.key!r} contains a dot"
-        self._writer.write({  # type: ignore[union-attr]
-            "__key__": sample.key, sample.ext: sample.image, "cls": int(sample.label),
-            "json": {"label": int(sample.label), **sample.meta},
-        })
-        self._labels[sample.key] = int(sample.label)
-        self._bytes += len(sample.image) + 1536  # three members: their headers and padding
-        self.next_item += 1
-        if self._bytes >= self.shard_bytes:
-            self.close()
-
-    def skip(self, skipped: Skipped) -> None:
-        entry = {"path": skipped.path, "reason": skipped.reason}
-        self.skipped.append(entry)
-        self._pending.append(entry)
-        self.next_item += 1
-
-    def close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        final = self.split_dir / shard_name(self.split, self.number)
-        os.replace(self._tmp, final)
-        index = index_tar(final, self._labels)
-        buf = io.BytesIO()
-        # next_item and the skipped items let a resumed write start at the right item
-        np.savez(buf, **index, next_item=np.int64(self.next_item),
-                 skipped_paths=np.array([e["path"] for e in self._pending], dtype=str),
-                 skipped_reasons=np.array([e["reason"] for e in self._pending], dtype=str))
-        idx_tmp = self.split_dir / f".{final.stem}.idx.npz.tmp"
-        idx_tmp.write_bytes(buf.getvalue())
-        os.replace(idx_tmp, final.with_suffix(".idx.npz"))
-        self.entries.append({"name": final.name, "num_samples": len(index["keys"]), "bytes": final.stat().st_size})
-        self._writer = None
-        self._pending = []
-        self.number += 1
-
-
-def resume_point(split_dir: Path, done: list[dict[str, Any]]) -> tuple[int, list[dict[str, str]]]:
-    """The item to resume at after the finished shards, and the items they skipped."""
-    next_item, skipped = 0, []
-    for entry in done:
-        with np.load(split_dir / Path(entry["name"]).with_suffix(".idx.npz")) as z:
-            # indices written before bad-image handling hold no skipped items
-            next_item = int(z["next_item"]) if "next_item" in z.files else next_item + entry["num_samples"]
-            if "skipped_paths" in z.files:
-                skipped += [{"path": p, "reason": r}
-                            for p, r in zip(z["skipped_paths"].tolist(), z["skipped_reasons"].tolist())]
-    return next_item, skipped
-
-
-def _guarded(encode: Callable[[Any], Sample], item: Any) -> Sample | Skipped:
-    try:
-        return encode(item)
-    except BadImage as bad:  # decided by the writer, in item order, not by the worker
-        return Skipped(bad.path, bad.reason)
-
-
-def _encoded(source: SplitSource, skip: int, workers: int) -> Iterator[Sample | Skipped]:
-    items = source.items[skip:]
-    encode = functools.partial(_guarded, source.encode)
-    if workers <= 1:
-        yield from map(encode, items)
-        return
-    with Pool(workers) as pool:
-        yield from pool.imap(encode, items, chunksize=16)
 
 
 def bad_image_message(split: str, bad: Skipped) -> str:
@@ -246,6 +87,76 @@ class SettingsChanged(ValueError):
     """A split on disk was written with other settings; rewriting it needs --overwrite."""
 
 
+def damaged_shards(split_dir: Path, manifest: dict[str, Any]) -> list[int]:
+    """The numbers of a complete split's shards that are missing or do not match the manifest.
+
+    Checked: the tar exists with the manifest's size, and its index exists, reads, and
+    holds the manifest's number of samples within the tar's bytes.
+    """
+    damaged = []
+    for number, entry in enumerate(manifest["shards"]):
+        tar = split_dir / entry["name"]
+        try:
+            size = tar.stat().st_size
+            with np.load(tar.with_suffix(".idx.npz")) as z:
+                keys, ends = z["keys"], z["ends"]
+            ok = size == entry["bytes"] and len(keys) == entry["num_samples"] and int(ends.max(initial=0)) <= size
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            ok = False
+        if not ok:
+            damaged.append(number)
+    return damaged
+
+
+def repair_shards(source: SplitSource, split_dir: Path, manifest: dict[str, Any], damaged: list[int],
+                  workers: int, on_bad_image: str, overwrite: bool) -> bool:
+    """Rewrite the damaged shards of a complete split, each from its own items; False if the split must be
+    written again from scratch (``overwrite``: the source no longer gives the same shards)."""
+    names = ", ".join(manifest["shards"][n]["name"] for n in damaged)
+    print(f"{source.name}: {len(damaged)} finished shard(s) missing or damaged ({names}): rewriting them")
+    for stale in split_dir.glob(".*.tmp"):
+        stale.unlink()
+    shard_bytes = int(manifest.get("shard_bytes", DEFAULT_SHARD_BYTES))
+    for number in damaged:  # in order: the shard before each one is sound by the time it is rewritten
+        first = resume_point(split_dir, manifest["shards"][:number])[0]
+        written = _rewrite_shard(source, split_dir, number, first, shard_bytes, workers, on_bad_image)
+        expected = manifest["shards"][number]
+        if not _same_shard(written, expected):
+            if overwrite:
+                print(f"{source.name}: the rewritten shard differs from the manifest; --overwrite: rewriting the split")
+                clear_split(split_dir, source.name)
+                return False
+            raise SettingsChanged(
+                f"{source.name}: shard {expected['name']} came out different from the one in the manifest "
+                f"({written or 'nothing written'} vs {expected}): the source files or --shard-size changed since the "
+                f"split was written. Pass --overwrite to write the whole split again.")
+    return True
+
+
+def _rewrite_shard(source: SplitSource, split_dir: Path, number: int, first: int, shard_bytes: int, workers: int,
+                   on_bad_image: str) -> list[dict[str, Any]]:
+    """Write shard ``number`` again from item ``first`` on; the entries it closed (one, when all went well)."""
+    stream = ShardStream(split_dir, source.name, number, shard_bytes, first)
+    with contextlib.closing(encoded(source, first, workers)) as results:
+        for result in results:
+            if isinstance(result, Skipped):
+                if on_bad_image == "fail":
+                    raise BadImageError(bad_image_message(source.name, result))
+                stream.skip(result)
+            else:
+                stream.write(result)
+            if stream.number > number:
+                break
+        stream.close()  # the split's last shard ends with the items, not with the byte budget
+    return stream.entries
+
+
+def _same_shard(written: list[dict[str, Any]], expected: dict[str, Any]) -> bool:
+    """The rewritten shard is the one the manifest describes (its digest too, where the manifest has one)."""
+    keys = [k for k in ("name", "num_samples", "bytes", "sha256") if k in expected]
+    return len(written) == 1 and all(written[0].get(k) == expected[k] for k in keys)
+
+
 def write_split(source: SplitSource, out: Path, *, dataset: str, converter_version: int,
                 shard_bytes: int = DEFAULT_SHARD_BYTES, workers: int = 1, progress: bool = True,
                 on_bad_image: str = "fail", overwrite: bool = False) -> dict[str, Any]:
@@ -262,7 +173,13 @@ def write_split(source: SplitSource, out: Path, *, dataset: str, converter_versi
     manifest = _complete_manifest(split_dir, source.name, state, overwrite)
     if manifest is not None:
         _check_earlier_skips(source.name, manifest.get("skipped", []), on_bad_image)
-        return manifest
+        damaged = damaged_shards(split_dir, manifest)
+        if not damaged:
+            print(f"{source.name}: complete ({manifest['num_samples']} samples in {len(manifest['shards'])} shards), "
+                  f"skipped")
+            return manifest
+        if repair_shards(source, split_dir, manifest, damaged, workers, on_bad_image, overwrite):
+            return manifest
     split_dir.mkdir(parents=True, exist_ok=True)
     for stale in split_dir.glob(".*.tmp"):
         stale.unlink()
@@ -274,9 +191,9 @@ def write_split(source: SplitSource, out: Path, *, dataset: str, converter_versi
     _check_earlier_skips(source.name, skipped, on_bad_image)
     if skipped:
         print(f"{source.name}: the finished shards left out {len(skipped)} bad images (listed in the manifest)")
-    stream = _ShardStream(split_dir, source.name, len(done), shard_bytes, skip)
+    stream = ShardStream(split_dir, source.name, len(done), shard_bytes, skip)
     bar = tqdm(total=len(source.items), initial=skip, desc=source.name, unit="img", disable=not progress)
-    with contextlib.closing(_encoded(source, skip, workers)) as results, bar:
+    with contextlib.closing(encoded(source, skip, workers)) as results, bar:
         for result in results:
             if isinstance(result, Skipped):
                 if on_bad_image == "fail":
@@ -291,7 +208,7 @@ def write_split(source: SplitSource, out: Path, *, dataset: str, converter_versi
     manifest = _manifest(source, done + stream.entries, dataset, converter_version)
     manifest["class_counts"] = class_counts(split_dir, manifest["shards"], len(source.class_names))
     manifest.update(num_items=len(source.items), num_skipped=len(skipped + stream.skipped),
-                    skipped=skipped + stream.skipped, on_bad_image=on_bad_image)
+                    skipped=skipped + stream.skipped, on_bad_image=on_bad_image, shard_bytes=shard_bytes)
     _write_json(split_dir / "manifest.json", manifest)
     return manifest
 
@@ -313,7 +230,6 @@ def _complete_manifest(split_dir: Path, split: str, state: dict[str, Any], overw
         written = {"dataset": manifest.get("dataset"), "converter_version": manifest.get("converter_version"),
                    "num_items": items, "info": {k: manifest.get(k) for k in state["info"]}}
         if written == state:
-            print(f"{split}: complete ({manifest['num_samples']} samples in {len(manifest['shards'])} shards), skipped")
             return manifest
     elif state_path.exists():
         written = json.loads(state_path.read_text())

@@ -557,7 +557,7 @@ def test_bad_images_fail_then_skip_resumes(tmp_path, capsys):
 
 def interrupt_after(monkeypatch, writes: int) -> None:
     """Make the writer stop (as a killed job would) after ``writes`` samples."""
-    real = writer._ShardStream.write
+    real = writer.ShardStream.write
     calls = {"n": 0}
 
     def write(self, sample):
@@ -566,7 +566,7 @@ def interrupt_after(monkeypatch, writes: int) -> None:
             raise KeyboardInterrupt("injected")
         real(self, sample)
 
-    monkeypatch.setattr(writer._ShardStream, "write", write)
+    monkeypatch.setattr(writer.ShardStream, "write", write)
 
 
 def test_interrupted_write_resumes_to_the_same_shards(tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from tests.helpers import check_gathered, gather_table
 SHRINK = ["--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "data.samples_per_class=2",
           "--set", "data.num_workers=0", "--set", "extract.num_workers=0", "--set", "model.backbone=test_vit",
           "--set", "model.embed_dim=16", "--set", "train.epochs=1", "--set", "train.checkpoint_every=0",
-          "--set", "resources.local_ranks=2", "--set", "cluster.tau=0.5", "--set", "cluster.thresh=0.5"]
+          "--set", "resources.local_ranks=2", "--set", "cluster.tau=0.5", "--set", "cluster.thresh=0.5",
+          "--set", "data.eval_resize=0"]
 
 
 def test_inat_iter1_dry_run_prints_the_whole_chain(capsys, tmp_path):
@@ -30,7 +31,7 @@ def test_inat_iter1_dry_run_prints_the_whole_chain(capsys, tmp_path):
     assert out.count("#SBATCH --gpus-per-node=8") == 8  # train, extract, evaluate, cluster of both iterations
     assert "lr=1e-05 head_lr_mult=1; batch 384 (pk, K=4); epochs 400" in out and "embed_dim=128" in out
     assert "smooth_ap{'temperature': 0.01}" in out
-    assert "train on lin, uin with pseudo-labels from inat_smoothap_iter0; weights from inat_smoothap_iter0" in out
+    assert "train on lin, uin with pseudo-labels from inat_smoothap_iter0; weights from pretrained" in out
     assert "--dependency='afterok:<inat_smoothap_iter0:cluster job id>'" in out
 
 
@@ -58,8 +59,15 @@ def test_tiny_fake_inat_runs_iter1_end_to_end(tmp_path):
     fake_inat(src)
     assert write_shards(["inat2018", "--src", str(src), "--out", str(tmp_path / "shards"), "--no-progress",
                          "--list", "lin=lin.txt", "--list", "uin=uin.txt", "--list", "test=test.txt"]) == 0
+    import timm
+
+    from imret.models.weights import write_weights
+
+    # the recipe starts from pretrained weights: a tiny ViT's, in a cache made here (nothing downloads)
+    write_weights(timm.create_model("test_vit").state_dict(), "test_vit.r160_in1k", tmp_path / "weights", "test")
     assert submit(["--exp", "inat_smoothap_iter1", "--cluster", "local", "--set", f"data.root={tmp_path}/shards",
-                   "--set", f"run.root={tmp_path}/runs", *SHRINK]) == 0
+                   "--set", f"run.root={tmp_path}/runs", "--set", f"model.weights_dir={tmp_path}/weights",
+                   *SHRINK]) == 0
     for name in ("inat_smoothap_iter0", "inat_smoothap_iter1"):
         run = RunDir(tmp_path / "runs" / name)
         assert all(run.is_done(s) for s in ("train", "extract", "evaluate", "cluster")), name

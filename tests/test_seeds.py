@@ -30,10 +30,11 @@ def seeds(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("seeds")
     make_cifar(tmp / "cifar-100-python")
     assert write_shards(["cifar100", "--src", str(tmp / "cifar-100-python"), "--out", str(tmp / "cifar"),
-                         "--no-progress"]) == 0
+                         "--valid-set-order", "4", "--database-split", "--no-progress"]) == 0
     make_sketchy(tmp / "sketchy_src")
     assert write_shards(["sketchy", "--src", str(tmp / "sketchy_src"), "--out", str(tmp / "sketchy"),
-                         "--test-ratio", "0.25", "--modality-splits", "--no-progress"]) == 0
+                         "--val-ratio", "0.25", "--test-ratio", "0.5", "--counts", "floor1", "--modality-splits",
+                         "--sketches", "shared", "--no-progress"]) == 0
     for c, name in enumerate(("a", "b")):
         src = tmp / f"catalogue_{name}"
         for k, cls in enumerate(("boots", "coats", "shirts")):
@@ -58,11 +59,12 @@ def test_cifar_twin_encodes_train_as_database_from_a_chosen_epoch(seeds, tmp_pat
     assert run_twin(seeds, "cifar100_tiny", tmp_path, "--cluster", "local") == 0
     run = tmp_path / "cifar100_tiny"
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert results["meta"]["num_queries"] == 6 and results["meta"]["num_database"] == 12  # test vs train
+    assert results["meta"]["num_queries"] == 6 and results["meta"]["num_database"] == 12  # test vs all of train
+    assert 0 < results["mips_map@500"] <= results["map@500"]
     assert 0 < results["map"] <= 1 and set(results) >= {"precision@1", "recall@1", "recall@8"}
     # one step per epoch here: every epoch's checkpoint is kept, and epoch-1 is the one encoded
     assert sorted(p.name for p in (run / "train" / "ckpt").glob("step-*")) == ["step-00000001", "step-00000002"]
-    for split in ("train", "test"):
+    for split in ("database", "test"):
         manifest = json.loads((run / "features" / split / "manifest.json").read_text())
         assert manifest["checkpoint"].endswith("step-00000001")
 
@@ -82,12 +84,13 @@ def test_sketchy_twin_trains_on_triples_and_reports_the_seeds_metrics(seeds, tmp
     assert run_twin(seeds, "sketchy_tiny", tmp_path, "--cluster", "local") == 0
     run = tmp_path / "sketchy_tiny"
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert results["meta"]["query_split"] == "test_sketch" and results["meta"]["database_split"] == "test_photo"
-    for key in ("top1", "top3", "map", "roc_auc"):
+    assert results["meta"]["query_split"] == "test_photo" and results["meta"]["database_split"] == "sketch"
+    for key in ("top1", "top3", "map", "roc_auc", "roc21_auc", "inbatch_top1", "inbatch_top3"):
         assert 0 <= results[key] <= 1, key
     assert results["top3"] >= results["top1"] and -1 <= results["cos_sim_neg"] <= 1 and -1 <= results["cos_sim_pos"] <= 1
-    assert results["meta"]["roc_pairs"] == 4 * 2  # every (sketch, photo) pair of the test split
-    # training drew (sketch, photo of its class, photo of another class) triples from the shards
+    assert results["inbatch_top3"] >= results["inbatch_top1"] and results["meta"]["triplet_batches"] == 1
+    assert results["meta"]["roc_pairs"] == 4 * 16  # every (test photo, sketch) pair: the sketches are not split
+    # training drew (photo, sketch of its class, sketch of another class) triples from the shards
     from imret.checkpoint import Checkpointer, read_meta
     from imret.config import load_yaml
     from imret.data.loader import TrainData
@@ -96,28 +99,28 @@ def test_sketchy_twin_trains_on_triples_and_reports_the_seeds_metrics(seeds, tmp
     data = TrainData(load_yaml(run / "config.yaml"), DistInfo())
     triples = data.plan.epoch(0).reshape(-1, 3)
     keys, labels = data.source.keys, data.labels
-    assert all(str(keys[a]).startswith("sketch/") and str(keys[p]).startswith("photo/")
-               and str(keys[n]).startswith("photo/") for a, p, n in triples)
+    assert all(str(keys[a]).startswith("photo/") and str(keys[p]).startswith("sketch/")
+               and str(keys[n]).startswith("sketch/") for a, p, n in triples)
     assert (labels[triples[:, 0]] == labels[triples[:, 1]]).all() and (labels[triples[:, 0]] != labels[triples[:, 2]]).all()
-    assert read_meta(Checkpointer(run / "train" / "ckpt").latest())["step"] == 2 * data.steps_per_epoch == 12
+    assert read_meta(Checkpointer(run / "train" / "ckpt").latest())["step"] == 2 * data.steps_per_epoch == 2
 
     from tools.roc import main as roc
 
     capsys.readouterr()
     assert roc(["--exp", "sketchy_tiny", "--runs-root", str(tmp_path)]) == 0
-    assert f"sketchy_tiny: AUC {results['roc_auc']:.4f} over 8 pairs" in capsys.readouterr().out
+    assert f"sketchy_tiny: AUC {results['roc_auc']:.4f} over 64 pairs" in capsys.readouterr().out
     assert valid_png(run / "eval" / "roc.png")[0] >= 500
 
 
 def check_table(runs: Path, table: dict[str, dict[str, str]]) -> None:
-    check_gathered(runs, table, ("map@3", "map", "precision@1"))
+    check_gathered(runs, table, ("ap_hits@3", "map@3", "map", "precision@1"))
     for name in table:  # the seed's "mAP of r retrievals over t random test queries"
         meta = json.loads((runs / name / "eval" / "results.json").read_text())["meta"]
         assert meta["sampled_queries"] and meta["num_queries"] == 4
 
 
-POINTS = ["root=cat_a_terms=angular45", "root=cat_a_terms=triplet02", "root=cat_b_terms=angular45",
-          "root=cat_b_terms=triplet02"]
+POINTS = ["root-cat_a_terms-angular45", "root-cat_a_terms-triplet02", "root-cat_b_terms-angular45",
+          "root-cat_b_terms-triplet02"]
 
 
 def test_cbir_twin_sweep_runs_through_the_local_executor(seeds, tmp_path, capsys):
@@ -127,7 +130,7 @@ def test_cbir_twin_sweep_runs_through_the_local_executor(seeds, tmp_path, capsys
     assert sorted(table) == [f"cbir_tiny/{p}" for p in only]
     check_table(tmp_path, table)
     cfg = (tmp_path / "cbir_tiny" / POINTS[2] / "config.yaml").read_text()
-    assert "cbir_b" in cfg and "angular" in cfg
+    assert "cbir_b" in cfg and "npair_angular" in cfg
 
 
 @pytest.mark.slurm

@@ -98,9 +98,29 @@ def encode_labels(*label_sets: np.ndarray) -> list[np.ndarray]:
     return [codes[a:b].astype(np.int64) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def check_out(out: Path | None, inputs: list[Path | None]) -> None:
+    """--out must not be one of the input files (after symlinks and hard links): writing it would destroy the input."""
+    if out is None:
+        return
+    for given in inputs:
+        if given is not None and (out.resolve() == given.resolve() or _same_file(out, given)):
+            raise ValueError(f"--out {out} is the input file {given}; writing the results there would overwrite the "
+                             f"embeddings. Give another path, e.g. --out {out.with_name(out.stem + '-results.json')}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of the JSON file to write, e.g. {out / 'results.json'}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def run(args: argparse.Namespace) -> dict:
     from imret.evaluate import evaluate
 
+    check_out(args.out, [args.query, args.db])
     names = metric_names(args.metrics, args.k)
     queries, qlabels = load_set(args.query, "query")
     if args.db is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from imret.config import ConfigError, load_yaml
+from imret.config.names import run_dir
 from imret.rundir import RunDir
 
 
@@ -123,8 +124,8 @@ def write(results: list[tuple[int, str, np.ndarray, np.ndarray]], out: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = RunDir(args.runs_root / args.exp)
     try:
+        run = RunDir(run_dir(args.runs_root, args.exp))  # a name with '..' or a leading '/' is refused
         if not run.config.exists() or not (run.eval / "neighbours.npz").exists():
             raise ValueError(f"{run.root} has no evaluated run (config.yaml and eval/neighbours.npz); "
                              f"run `python launch/submit.py --exp {args.exp}` first")

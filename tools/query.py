@@ -31,9 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def open_run(runs_root: Path, name: str) -> tuple[object, object]:
     from imret.config import load_yaml
+    from imret.config.names import run_dir
     from imret.rundir import RunDir
 
-    run = RunDir(runs_root / name)
+    run = RunDir(run_dir(runs_root, name))  # a name with '..' or a leading '/' is refused
     if not run.config.exists():
         raise ValueError(f"no run '{name}' under {runs_root} ({run.config} is missing); pass --runs-root or "
                          "check the name with `ls runs`")

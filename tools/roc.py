@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_curve(runs_root: Path, name: str) -> dict[str, np.ndarray]:
-    path = runs_root / name / "eval" / "roc.npz"
+    from imret.config.names import run_dir
+
+    path = run_dir(runs_root, name) / "eval" / "roc.npz"  # a name with '..' or a leading '/' is refused
     if not (runs_root / name).is_dir():
         raise ValueError(f"no run '{name}' under {runs_root}; pass --runs-root or check the name with `ls {runs_root}`")
     if not path.exists():

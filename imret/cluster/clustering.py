@@ -1,8 +1,9 @@
-"""What every clustering method returns."""
+"""What every clustering method returns, and what a learning method is given."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,3 +16,11 @@ class Clustering:
     selected: np.ndarray  # bool per sample: confident enough to train on
     info: dict[str, Any] = field(default_factory=dict)  # how the graph was built, timings
 
+
+@dataclass
+class Known:
+    """What a learning method trains on: labelled features, and where to keep its files."""
+
+    features: np.ndarray  # (m, d) float32: the labelled splits, then the samples selected so far
+    labels: np.ndarray  # (m,) int64: true labels, then the frozen pseudo-labels
+    workdir: Path  # the method's checkpoint and log go here (runs/<exp>/cluster/<method>/)

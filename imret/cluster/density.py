@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from imret.cluster.clustering import Clustering
+from imret.cluster.clustering import Clustering, Known
 from imret.config import ClusterConfig
 from imret.search.graph import knn_graph, normalise
 
@@ -74,8 +74,11 @@ def select(dens: np.ndarray, labels: np.ndarray, thresh: float, min_size: int) -
     return dense & (counts[labels] >= min_size)
 
 
-def density_peaks(features: np.ndarray, params: ClusterConfig) -> Clustering:
-    """The "density" method: k-NN graph, density, links toward denser neighbours, levels, selection."""
+def density_peaks(features: np.ndarray, params: ClusterConfig, known: Known | None = None) -> Clustering:
+    """The "density" method: k-NN graph, density, links toward denser neighbours, levels, selection.
+
+    It learns nothing, so ``known`` is unused.
+    """
     x = normalise(features)
     sims, ids, info = knn_graph(x, params.k, params.exact_below, params.index, params.recall_sample)
     started = time.perf_counter()

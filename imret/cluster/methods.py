@@ -1,8 +1,10 @@
 """The pseudo-labelling methods, by the name ``cluster.method`` gives them.
 
-A method is a function ``(features, ClusterConfig) -> Clustering``. Methods are named
-as ``module:function`` and imported only when one runs, so checking a config does not
-load a method's dependencies.
+A method is a function ``(features, ClusterConfig, Known | None) -> Clustering``. A
+method that learns (``LEARNS``) is given ``Known``: the features and labels it trains
+on, and a directory for its checkpoint and log; the others are given None. Methods are
+named as ``module:function`` and imported only when one runs, so checking a config
+does not load a method's dependencies.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from imret.cluster.clustering import Clustering
+from imret.cluster.clustering import Clustering, Known
 from imret.config import ClusterConfig
 
-Method = Callable[[np.ndarray, ClusterConfig], Clustering]
+Method = Callable[[np.ndarray, ClusterConfig, Known | None], Clustering]
 METHODS: dict[str, str] = {
     "density": "imret.cluster.density:density_peaks",
 }
+LEARNS: frozenset[str] = frozenset()  # methods that are given Known
 
 
 def get_method(name: str) -> Method:

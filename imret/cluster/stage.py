@@ -36,7 +36,7 @@ def cluster_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[st
     check(params)
     started = time.perf_counter()
     embeddings, keys, truth = load_unlabelled(run, params.splits)
-    result = get_method(params.method)(embeddings, params)
+    result = get_method(params.method)(embeddings, params, None)
     labelled_keys, labelled_labels = load_labelled(cfg.data.root, params.labelled)
     sidecar = build_sidecar(labelled_keys, labelled_labels, keys, result.labels, result.selected)
     save_sidecar(run.cluster / "labels.npz", sidecar.keys, sidecar.labels, sidecar.mask)

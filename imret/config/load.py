@@ -1,4 +1,8 @@
-"""Strict loading of configs: YAML, experiments.yaml with inheritance, and ``--set`` overrides.
+"""Strict loading of configs: safe YAML, experiments.yaml with inheritance, and ``--set`` overrides.
+
+Every YAML file or value imret reads goes through ``read_yaml`` here: PyYAML's safe
+loader, with duplicate keys refused (naming the key and both lines) and the expansion
+of anchors and aliases bounded, so an alias bomb is refused in milliseconds.
 
 An unknown key is an error naming the nearest valid key, a value of the wrong type is
 an error naming the expected type, and ``imret.config.validate`` runs before a config
@@ -24,8 +28,116 @@ from typing import Any, Literal
 import yaml
 
 from imret.config.errors import ConfigError
+from imret.config.names import check_name
 from imret.config.schema import ExperimentConfig
 from imret.config.validate import closest, validate
+
+# ----------------------------------------------------------------------------- safe YAML
+
+
+# The most values a YAML document may expand to once its aliases are followed. imret's own
+# experiments.yaml expands to a few thousand; a "billion laughs" document (aliases of aliases)
+# would expand to billions, and every later step (merging, type checks, hashing) walks them all.
+MAX_YAML_VALUES = 200_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and bounding what aliases expand to.
+
+    A duplicate key would otherwise be dropped silently (the last one wins), so a config
+    would not be what its file says. Anchors and aliases stay allowed (``yaml.safe_dump``
+    writes them for repeated values) as long as the document they expand to is small.
+    """
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set())
+        if size > MAX_YAML_VALUES:
+            raise _Refused(f"its anchors and aliases expand to {size:,} values, more than the {MAX_YAML_VALUES:,} a "
+                           f"config may hold (an alias bomb?); write the values out instead of nesting aliases")
+        return self.construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _Refused(f"line {line}: duplicate key {key!r} (first at line {first}); a mapping may hold a "
+                               f"key once, so remove one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` stands for with every alias followed; counted once per node, so fast."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise _Refused(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it (a recursive "
+                       f"structure); a config cannot hold one")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1 + sum(_expanded_size(child, memo, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+class _Refused(Exception):
+    """Raised inside the loader; turned into a ConfigError naming the source."""
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely (see ``_StrictLoader``); ConfigError naming ``source`` and the line."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong, where, and in what (its own text spans several lines)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    context = f" ({err.context})" if err.context else ""
+    return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}{context}"
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file read with ``read_yaml``; a missing, unreadable or non-file path is a ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file. Run from the repository root or pass --experiments PATH.")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is a directory, not a YAML file; give the path of the file itself.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+    return read_yaml(text, str(path))
+
 
 # ----------------------------------------------------------------------------- typed building
 
@@ -126,14 +238,17 @@ class Experiments:
     @classmethod
     def load(cls, path: str | Path) -> Experiments:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: no such file. Run from the repository root or pass --experiments PATH.")
-        try:
-            entries = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
-            raise ConfigError(f"{path}: expected a mapping of experiment names to mappings")
+        entries = read_yaml_file(path) or {}
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{path}: expected a mapping of experiment names to mappings, got "
+                              f"{type(entries).__name__}")
+        for name, entry in entries.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{path}: experiment name {name!r} is a {type(name).__name__}; names are text "
+                                  f"(quote it: '{name}')")
+            check_name(name, f"{path}: experiment {name!r}")
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{path}: experiment '{name}' must be a mapping of config sections, got {entry!r}")
         return cls(path, entries)
 
     def runnable(self) -> list[str]:
@@ -154,6 +269,9 @@ class Experiments:
         entry = dict(self.entries[name])
         parents = entry.pop("inherit", [])
         parents = [parents] if isinstance(parents, str) else parents
+        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+            raise ConfigError(f"{self.path}: {name}: inherit: expected an experiment name or a list of names, "
+                              f"got {self.entries[name]['inherit']!r}")
         merged: dict[str, Any] = {}
         for parent in parents:
             if parent not in self.entries:
@@ -184,10 +302,7 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=0.001")
     key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+    value = read_yaml(text, f"--set {item!r}") if text.strip() else ""
     parts = key.strip().split(".")
     _check_override_path(parts, item)
     out = copy.deepcopy(data)
@@ -249,5 +364,11 @@ def save_yaml(cfg: ExperimentConfig, path: Path) -> None:
 
 def load_yaml(path: str | Path) -> ExperimentConfig:
     """Load a resolved config written by ``save_yaml`` (a run directory's config.yaml)."""
-    data = yaml.safe_load(Path(path).read_text())
-    return from_dict(data, data.get("name", ""))
+    data = read_yaml_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a resolved config (a mapping), got {type(data).__name__}; "
+                          f"resubmit the experiment to write it again")
+    try:
+        return from_dict(data, data.get("name", ""))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

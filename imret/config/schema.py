@@ -4,6 +4,8 @@ Every field has a default and a docstring saying what it means; `imret.config.lo
 builds these from YAML strictly (unknown keys and wrong types are errors) and
 `imret.config.validate` checks the rules that involve several fields. Nothing here
 imports an imret component: the config is the ground floor everything else stands on.
+The tree is one concern (the sections are read, typed and checked together), so it stays
+one module even past 450 lines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from imret.config.names import run_dir as safe_run_dir
 
 STAGE_ORDER = ("train", "extract", "evaluate", "cluster")
 """Every stage name, in the order the stages run (``imret.pipeline`` says what each runs)."""
@@ -43,8 +47,9 @@ class DataConfig:
     """Square input size for training and extraction."""
     batch_size: int = 64
     """The GLOBAL batch size, summed over all ranks."""
-    sampler: Literal["pk", "random", "triplet"] = "pk"
-    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative)."""
+    sampler: Literal["pk", "random", "triplet", "pid_shuffle"] = "pk"
+    """``pk``: P classes x K samples per batch; ``random``: uniform; ``triplet``: (anchor, positive, negative);
+    ``pid_shuffle``: P class slots from a shuffled (tiled) class list, K samples each (the CBIR seed's)."""
     samples_per_class: int = 4
     """K of the P x K sampler; P = batch_size / K."""
     small_classes: Literal["repeat", "drop"] = "repeat"
@@ -55,14 +60,30 @@ class DataConfig:
     """Batches per epoch; 0: the number of training samples // batch_size."""
     num_workers: int = 4
     """DataLoader worker processes per rank."""
-    augment: Literal["none", "crop", "crop_flip", "autoaugment"] = "crop_flip"
-    """Training augmentation."""
+    augment: Literal["none", "crop", "crop_flip", "autoaugment", "resize_random_crop", "resize_random_crop_flip",
+                     "flip"] = "crop_flip"
+    """Training augmentation. ``crop``/``crop_flip``/``autoaugment``: a random resized crop (``crop_scale``);
+    ``resize_random_crop[_flip]``: the evaluation resize (``resize``, ``eval_resize``), then a random
+    ``image_size`` crop; ``flip``: the evaluation transform and a horizontal flip; ``none``: the evaluation
+    transform."""
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     """Random-resized-crop area range, as fractions of the image."""
     mean: list[float] = field(default_factory=list)
     """Normalisation mean (RGB); empty: the backbone's own."""
     std: list[float] = field(default_factory=list)
-    """Normalisation std (RGB); empty: the backbone's own."""
+    """Normalisation std (RGB); empty: the backbone's own. Mean [0,0,0] and std [1,1,1]: pixels in [0, 1], no normalisation."""
+    interpolation: Literal["", "bilinear", "bicubic", "nearest"] = ""
+    """Resampling of every resize and random-resized crop; empty: the backbone's (its weights' tag's) own."""
+    eval_crop_pct: float = 0.0
+    """Evaluation: resize the short side to image_size / eval_crop_pct, then centre-crop; 0: the backbone's own."""
+    eval_resize: int = 0
+    """Evaluation: resize the short side to this many pixels, then centre-crop image_size (e.g. 256 -> 224);
+    overrides eval_crop_pct; 0: off."""
+    resize: Literal["short_side", "squash"] = "short_side"
+    """How the evaluation resize (and ``resize_random_crop``'s) reaches its size: the shorter side, keeping the
+    aspect ratio; or ``squash``: both sides, to a square."""
+    reduced_decode: bool = True
+    """Decode JPEGs at 1/2, 1/4 or 1/8 size when the crop allows (same crops; see imret.data.decode)."""
     anchor_modality: str = ""
     """Triplet sampler: the modality of anchors (e.g. sketch)."""
     positive_modality: str = ""
@@ -90,21 +111,41 @@ class ModelConfig:
     """The network: timm backbone, pooling, embedding head."""
 
     backbone: str = "resnet18"
-    """Any timm model name."""
+    """Any timm model name, optionally with its weights' tag as timm names them (``resnet50.tv_in1k``); the tag
+    also decides the default mean, std, interpolation and evaluation crop."""
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments (e.g. img_size)."""
     pretrained_path: str = ""
     """Local .safetensors / .pth state dict; empty: random init (imret never downloads)."""
+    pretrained: bool = False
+    """Start from the timm weights that ``backbone`` names (its tag, or timm's default tag), read from
+    ``weights_dir``; ``python -m tools.fetch_weights --exp NAME`` puts them there. Jobs never download."""
+    weights_dir: str = "weights"
+    """The pretrained-weights cache: ``<weights_dir>/<model>.<tag>.safetensors`` (+ a .json naming the source).
+    Relative paths are from the working directory; ``~`` and ``$VARS`` are expanded. Not part of the digest."""
     pool: Literal["gem", "avg", "max", "token"] = "gem"
     """Global pooling; ``token``: the class token of a transformer."""
+    normalize: bool = True
+    """L2-normalise the embedding the losses see; false: the raw pooled (or projected) features, as the sketch
+    seed trains. Extraction stores L2-normalised embeddings either way, for the inner-product search."""
     gem_p: float = 3.0
     """Initial GeM exponent."""
     gem_learnable: bool = True
     """Learn the GeM exponent."""
     embed_dim: int = 128
     """Embedding size after the linear head; 0: no head (the pooled features)."""
-    batchnorm: Literal["train", "frozen", "sync"] = "train"
-    """``frozen`` uses the running statistics; ``sync`` needs GPUs."""
+    batchnorm: Literal["train", "frozen", "frozen_stats", "sync"] = "train"
+    """``frozen``: running statistics used and kept, affine frozen; ``frozen_stats``: running statistics used and
+    kept, affine (gamma, beta) trained, as the PSS seed does; ``sync`` needs GPUs."""
+    head_init: Literal["default", "orthogonal"] = "default"
+    """Initialisation of the linear embedding head: torch's default, or an orthogonal weight and zero bias
+    (Keras ``Orthogonal``)."""
+    bn_momentum: float = 0.0
+    """BatchNorm running-statistics momentum of the backbone, in torch's convention (Keras 0.99 = 0.01);
+    0: the backbone's own (torch: 0.1)."""
+    freeze: list[str] = field(default_factory=list)
+    """Backbone modules whose parameters are not trained, by name (``patch_embed``), a numbered range of children
+    (``blocks.0-10``) or a single child (``blocks.3``). They still run in train mode (dropout, drop path)."""
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     """The randomized ensemble, when ``branches`` > 0."""
 
@@ -138,11 +179,15 @@ class OptimConfig:
     lr: float = 1e-4
     """Base learning rate (backbone)."""
     weight_decay: float = 1e-4
-    """Weight decay of matrices and convolutions (never of 1-D tensors)."""
+    """Weight decay of matrices and convolutions (of 1-D tensors too with ``decay_1d``)."""
+    decay_1d: bool = False
+    """Also decay 1-D tensors (biases, norm scales and shifts, GeM p), as the PSS seed decays every parameter."""
     momentum: float = 0.9
     """SGD only."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam and AdamW only."""
+    eps: float = 1e-8
+    """Adam and AdamW only: the denominator's epsilon (Keras: 1e-7)."""
     head_lr_mult: float = 1.0
     """Learning-rate multiplier of the heads and loss parameters (the seeds' fc_lr_mul)."""
     grad_clip: float = 0.0
@@ -170,6 +215,27 @@ class ScheduleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation during training: retrieval on a held-out split, to keep the best checkpoint and stop early."""
+
+    every: int = 0
+    """Validate after every N epochs (0: never)."""
+    first: int = 0
+    """The first epoch (1-based) validated, then every ``every`` epochs after it; 0: epoch ``every``. The PSS seed
+    validates after epochs 1, 6, 11, ... (first 1, every 5)."""
+    query: str = ""
+    """Split whose samples are the queries."""
+    database: str = ""
+    """Split searched; empty: the query split against itself, each query left out."""
+    metric: str = "recall@1"
+    """The metric that selects (any name of ``imret.metrics``); logged to TensorBoard as ``validation/<metric>``."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller metric is better; only a strict improvement counts."""
+    patience: int = 0
+    """Stop training after this many validations in a row without improvement (0: never stop early)."""
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -184,9 +250,10 @@ class TrainConfig:
     keep_epoch_checkpoints: bool = False
     """Keep every epoch-end checkpoint (to evaluate a chosen epoch)."""
     init_from: str = ""
-    """Start from the weights of an experiment (by name) or a checkpoint path."""
+    """Start from the weights of an experiment (by name) or a checkpoint path; ``pretrained``: the backbone's
+    pretrained weights (``model.pretrained``), as PSS starts every iteration from ImageNet."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """Mixed precision; ``auto``: bf16 on GPU, off on CPU."""
+    """Mixed precision on GPU; ``auto``: bf16. ``fp16`` scales the loss (torch's GradScaler, checkpointed)."""
     channels_last: bool = True
     """Channels-last memory format (on GPU only)."""
     compile: bool = False
@@ -195,6 +262,10 @@ class TrainConfig:
     """TensorBoard scalars every N steps."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0: the epochs decide)."""
+    loss_fp32: bool = True
+    """Compute the loss in float32 with autocast off, even when the network runs in bf16/fp16 (PSS: Smooth-AP)."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Periodic validation, best-checkpoint selection and early stopping."""
 
 
 @dataclass
@@ -208,7 +279,8 @@ class ExtractConfig:
     dtype: Literal["float32", "float16"] = "float32"
     """Stored embedding precision."""
     checkpoint: str = "last"
-    """``last``, ``epoch-N``, ``step-N`` or ``init`` (the weights before training)."""
+    """``last``, ``best`` (the best validation, ``train.validation``), ``epoch-N``, ``step-N`` or ``init``
+    (the weights before training)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
 
@@ -241,6 +313,8 @@ class EvaluateConfig:
     counting tables and temporaries (not the features themselves). More is faster up to blocks of
     256 query rows per thread; the least is 32 rows per thread (about 130 bytes per database item),
     which a smaller budget exceeds. It changes no result, so it is not part of the config digest."""
+    triplet_batch: int = 64
+    """Triples per batch of the in-batch metrics (``inbatch_topK``; the sketch seed's 64)."""
 
 
 @dataclass
@@ -376,7 +450,8 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.root) / (self.run.name or self.name)
+        """``run.root / (run.name or name)``; never outside ``run.root`` (``imret.config.names``)."""
+        return safe_run_dir(self.run.root, self.run.name or self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -387,7 +462,7 @@ class ExperimentConfig:
         for key in ("name", "description", "run", "resources", "sweep"):
             d.pop(key)
         for section, key in (("data", "num_workers"), ("extract", "num_workers"), ("train", "log_every"),
-                             ("evaluate", "block_mb")):
+                             ("model", "weights_dir"), ("evaluate", "block_mb")):
             d[section].pop(key)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

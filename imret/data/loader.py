@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imret.config import ExperimentConfig
+from imret.data.decode import DecodeTransform, open_rgb
 from imret.data.labels import LABELLED, apply_sidecar, load_sidecar, resolve_sidecar
 from imret.data.sampler import BatchPlan, RankBatches, TripletPlan
 from imret.data.shards import ShardError, ShardSplit, image_bytes
@@ -38,14 +38,32 @@ class MultiSplit:
         return self.splits[j], i - int(self.offsets[j])
 
 
-def decode_image(split: ShardSplit, i: int) -> Image.Image:
-    sample = split.read(i)
-    ref = split.ref(i)
+def encoded_image(split: ShardSplit, i: int) -> bytes:
+    """Sample ``i``'s image file, as stored in its shard."""
+    return image_bytes(split.read(i), split.ref(i))
+
+
+@contextlib.contextmanager
+def decode_errors(split: ShardSplit, i: int) -> Iterator[None]:
+    """Turn PIL's errors into a ShardError that names the shard and the sample."""
     try:
-        with Image.open(io.BytesIO(image_bytes(sample, ref))) as img:
-            return img.convert("RGB")
+        yield
     except (OSError, SyntaxError) as err:
+        ref = split.ref(i)
         raise ShardError(f"shard {ref.shard}: the image of sample {ref.key} cannot be decoded: {err}") from err
+
+
+def decode_image(split: ShardSplit, i: int) -> Image.Image:
+    """Sample ``i``'s whole image as RGB (pictures, tools); the loaders decode through DecodeTransform."""
+    data = encoded_image(split, i)
+    with decode_errors(split, i):
+        return open_rgb(data)
+
+
+def as_decode_transform(transform: Callable, reduced_decode: bool) -> DecodeTransform:
+    if isinstance(transform, DecodeTransform):
+        return transform
+    return DecodeTransform(transform, reduced=reduced_decode)
 
 
 @contextlib.contextmanager
@@ -66,10 +84,15 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class TrainSet(Dataset):
-    """Items are ``(index, augmentation seed)``; returns ``(image, label, index)``."""
+    """Items are ``(index, augmentation seed)``; returns ``(image, label, index)``.
 
-    def __init__(self, data: MultiSplit, labels: np.ndarray, transform: Callable) -> None:
-        self.data, self.labels, self.transform = data, labels, transform
+    ``transform`` is a PIL-image transform (timm's); JPEGs are decoded at reduced size where
+    its crop allows, unless ``reduced_decode`` is False (see imret.data.decode).
+    """
+
+    def __init__(self, data: MultiSplit, labels: np.ndarray, transform: Callable, reduced_decode: bool = True) -> None:
+        self.data, self.labels = data, labels
+        self.transform = as_decode_transform(transform, reduced_decode)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -77,30 +100,36 @@ class TrainSet(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, aug_seed = item
         split, local = self.data.locate(index)
-        image = decode_image(split, local)
-        with seeded(aug_seed):
-            tensor = self.transform(image)
+        data = encoded_image(split, local)
+        # the crop box is drawn before decoding (from the header's size), so decoding runs inside the seed
+        with seeded(aug_seed), decode_errors(split, local):
+            tensor = self.transform(data)
         return tensor, int(self.labels[index]), index
 
 
 class EvalSet(Dataset):
-    """Returns ``(image, label, index)`` with the deterministic evaluation transform."""
+    """Returns ``(image, label, index)`` with the deterministic evaluation transform (reduced decode as TrainSet)."""
 
-    def __init__(self, split: ShardSplit, transform: Callable) -> None:
-        self.split, self.transform = split, transform
+    def __init__(self, split: ShardSplit, transform: Callable, reduced_decode: bool = True) -> None:
+        self.split = split
+        self.transform = as_decode_transform(transform, reduced_decode)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(decode_image(self.split, index)), int(self.split.labels[index]), index
+        data = encoded_image(self.split, index)
+        with decode_errors(self.split, index):
+            tensor = self.transform(data)
+        return tensor, int(self.split.labels[index]), index
 
 
 class TrainData:
     """Everything the trainer needs from the data: a loader, its sampler and label facts."""
 
-    def __init__(self, cfg: ExperimentConfig, info: DistInfo) -> None:
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo, reduced_decode: bool | None = None) -> None:
         d = cfg.data
+        reduced_decode = d.reduced_decode if reduced_decode is None else reduced_decode
         self.source = MultiSplit([ShardSplit(d.root, s) for s in d.train_splits])
         labels = self.source.labels
         self.num_classes = int(labels.max()) + 1 if len(labels) else 0
@@ -114,7 +143,7 @@ class TrainData:
         self.labels = labels
         self.plan = self._plan(cfg, labels)
         self.sampler = RankBatches(self.plan, info.rank, info.world_size)
-        dataset = TrainSet(self.source, labels, train_transform(d, cfg.model.backbone))
+        dataset = TrainSet(self.source, labels, train_transform(d, cfg.model.backbone), reduced_decode)
         self.loader = DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
             persistent_workers=d.num_workers > 0, pin_memory=info.backend == "nccl",
@@ -128,7 +157,7 @@ class TrainData:
             modalities = np.array([str(k).split("/", 1)[0] for k in self.source.keys])
             return TripletPlan(labels, modalities, d.batch_size, d.anchor_modality, d.positive_modality,
                                seed=cfg.train.seed, steps_per_epoch=d.steps_per_epoch)
-        return BatchPlan(labels, d.batch_size, kind="random" if d.sampler == "random" else "pk",
+        return BatchPlan(labels, d.batch_size, kind=d.sampler,
                          samples_per_class=d.samples_per_class, seed=cfg.train.seed,
                          steps_per_epoch=d.steps_per_epoch, small_classes=d.small_classes,
                          max_per_class=d.max_per_class)
@@ -158,10 +187,12 @@ def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def extraction_loader(cfg: ExperimentConfig, split: ShardSplit, rank: int, world_size: int) -> DataLoader:
+def extraction_loader(cfg: ExperimentConfig, split: ShardSplit, rank: int, world_size: int,
+                      reduced_decode: bool | None = None) -> DataLoader:
     """This rank's part of ``split``, each sample exactly once, in order (workers keep batch order)."""
     start, stop = rank_range(len(split), rank, world_size)
-    dataset = EvalSet(split, eval_transform(cfg.data, cfg.model.backbone))
+    reduced = cfg.data.reduced_decode if reduced_decode is None else reduced_decode
+    dataset = EvalSet(split, eval_transform(cfg.data, cfg.model.backbone), reduced)
     return DataLoader(dataset, batch_size=cfg.extract.batch_size, sampler=RangeSampler(start, stop),
                       num_workers=cfg.extract.num_workers)
 

@@ -18,6 +18,13 @@ out (``"drop"``). ``max_per_class`` caps the samples a class contributes per pas
 
 Random plan (``kind="random"``): a seeded permutation, cut into batches.
 
+Class-shuffle plan (``kind="pid_shuffle"``, the CBIR seed's tf.data pipeline, after
+tf_retrieval_baseline): each pass shuffles the list of classes, tiled to at least P entries
+when there are fewer than P classes (so a class can fill two slots of one batch), keeps a
+whole number of P-slot batches, and gives each slot K samples of its class: a shuffle of
+the class's samples repeated ceil(K / n) times, first K taken (no repeats unless the class
+has fewer than K samples). Batches stay class-contiguous, K per slot.
+
 Each position of a global batch also gets an augmentation seed derived from
 ``(seed, epoch, step, position)``, so a sample's augmentation does not depend on
 which rank or worker loads it.
@@ -79,7 +86,7 @@ class BatchPlan:
         classes, starts = np.unique(self.labels[valid], return_index=True)
         groups = np.split(valid, starts[1:])
         by_class = {int(c): g for c, g in zip(classes, groups)}
-        if self.kind == "pk" and self.small_classes == "drop":
+        if self.kind == "pk" and self.small_classes == "drop":  # pid_shuffle keeps every class, as its seed
             by_class = {c: g for c, g in by_class.items() if len(g) >= self.k}
         return by_class
 
@@ -114,6 +121,8 @@ class BatchPlan:
     def _pass(self, rng: np.random.Generator) -> list[np.ndarray]:
         if self.kind == "pk":
             return self._pk_pass(rng)
+        if self.kind == "pid_shuffle":
+            return self._pid_pass(rng)
         pool = np.concatenate([self._capped(g, rng) for g in self._by_class.values()])
         pool = rng.permutation(pool)
         n = len(pool) // self.batch_size
@@ -134,6 +143,20 @@ class BatchPlan:
                 group = np.concatenate([group, extra])
             chunks.append(group.reshape(-1, self.k))
         return _draw_batches(chunks, self.batch_size // self.k, rng)
+
+
+    def _pid_pass(self, rng: np.random.Generator) -> list[np.ndarray]:
+        classes = np.fromiter(self._by_class, dtype=np.int64)
+        p = self.batch_size // self.k
+        if len(classes) < p:
+            classes = np.tile(classes, -(-p // len(classes)))
+        slots = rng.permutation(classes)[: len(classes) // p * p]
+        picks = [self._k_samples(self._by_class[int(c)], rng) for c in slots]
+        return list(np.concatenate(picks).reshape(-1, self.batch_size))
+
+    def _k_samples(self, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """K samples of a class: its samples repeated to at least K, shuffled, the first K."""
+        return rng.permutation(np.tile(group, -(-self.k // len(group))))[: self.k]
 
 
 def _draw_batches(chunks: list[np.ndarray], p: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -45,6 +45,15 @@ def read_manifest(root: str | Path, split: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def repair_hint(root: str | Path, manifest: dict[str, Any]) -> str:
+    """What repairs a damaged shard: the write command again (it checks every shard and rewrites bad ones)."""
+    dataset, source = manifest.get("dataset", "<dataset>"), manifest.get("source", "")
+    src = f" --src {source}" if source and Path(str(source)).is_absolute() else ""
+    return (f"Repair it by rerunning the command that wrote the split, with the same options "
+            f"(`python -m shards.write {dataset}{src} --out {root} ...`): it checks every shard against the manifest "
+            f"and rewrites the missing or damaged ones. Deleting the file first is not needed.")
+
+
 @dataclass(frozen=True)
 class SampleRef:
     shard: Path
@@ -65,7 +74,7 @@ class ShardSplit:
         keys, labels, shard_ids, starts, ends = [], [], [], [], []
         for shard_id, entry in enumerate(self.manifest["shards"]):
             path = split_dir(root, split) / entry["name"]
-            idx = self._load_index(path, entry)
+            idx = self._load_index(path, entry, repair_hint(root, self.manifest))
             self._paths.append(path)
             keys.append(idx["keys"])
             labels.append(idx["labels"])
@@ -81,22 +90,20 @@ class ShardSplit:
         self._pid = os.getpid()
 
     @staticmethod
-    def _load_index(path: Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _load_index(path: Path, entry: dict[str, Any], hint: str) -> dict[str, np.ndarray]:
         if not path.exists():
-            raise ShardError(f"shard {path} is listed in its manifest but missing; rebuild the split with `python -m shards.write`.")
+            raise ShardError(f"shard {path} is listed in its manifest but missing. {hint}")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ShardError(
-                f"shard {path} is {size} bytes but its manifest says {entry['bytes']}: the file is truncated or was "
-                f"replaced. Rebuild it (`python -m shards.write` resumes, rewriting only missing shards) after deleting it."
-            )
+            raise ShardError(f"shard {path} is {size} bytes but its manifest says {entry['bytes']}: the file is "
+                             f"truncated or was replaced. {hint}")
         idx_path = path.with_suffix(".idx.npz")
         if not idx_path.exists():
-            raise ShardError(f"shard index {idx_path} is missing; rebuild the split with `python -m shards.write`.")
+            raise ShardError(f"shard index {idx_path} is missing. {hint}")
         with np.load(idx_path) as idx:
             data = {k: idx[k] for k in ("keys", "labels", "starts", "ends")}
         if len(data["keys"]) != entry["num_samples"] or (len(data["ends"]) and data["ends"].max() > size):
-            raise ShardError(f"shard index {idx_path} does not match {path}; rebuild the split.")
+            raise ShardError(f"shard index {idx_path} does not match {path}. {hint}")
         return data
 
     def __len__(self) -> int:

@@ -9,7 +9,9 @@ may pass a brute-force search and must get the same numbers. The metrics are pur
 functions of the resulting ranks (``imret.metrics``), reduced block by block to one value
 per query on the full-ranking path, so that no step holds every positive's rank; pair
 metrics (roc_auc, mean similarities) come from sampled (query, item) pairs
-(``imret.evaluate.pairs``).
+(``imret.evaluate.pairs``), and the sketch
+seed's triplet metrics from sampled (query, positive, negative) triples
+(``imret.evaluate.triplets``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from imret import metrics as metric_lib
 from imret.evaluate.pairs import Pairs, pair_similarities, sample_pairs
+from imret.evaluate.triplets import sample_triples, triple_meta, triple_similarities
 from imret.metrics import PAIR_METRICS, Ranks, RocCurve
 from imret.search.blocks import DEFAULT_BLOCK_MB
 from imret.search.knn import Neighbours, search_shard
@@ -82,13 +85,14 @@ class Evaluation:
 def evaluate(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray | None,
              database_labels: np.ndarray | None, names: list[str], self_ids: np.ndarray | None = None,
              roc_pairs: int = 1_000_000, seed: int = 0, neighbours: int = SAVED_NEIGHBOURS,
-             search: Search | None = None) -> Evaluation:
+             search: Search | None = None, triplet_batch: int = 64) -> Evaluation:
     """Every metric in ``names`` for the queries against the database.
 
     ``database=None``: the queries against themselves, each query left out of its own
     ranking. ``self_ids``: the queries are items of ``database`` (query i is item
     self_ids[i]), e.g. a sample of a split searched against the whole split.
-    ``search``: how to search (default ``ExactSearch()``).
+    ``search``: how to search (default ``ExactSearch()``). ``triplet_batch``: triples per
+    batch of the in-batch metrics (the sketch seed's 64).
     """
     if database is None:
         database, database_labels, self_ids = queries, query_labels, np.arange(len(queries))
@@ -106,7 +110,24 @@ def evaluate(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray
     pairs = sample_pairs(query_labels, database_labels, self_ids, roc_pairs, seed) if plan.pair_names else None
     if pairs is not None:
         pairs.similarity = pair_similarities(queries, database, pairs.query, pairs.item)
-    return assemble(plan, values, neigh, pairs, method, len(query_labels))
+    result = assemble(plan, values, neigh, pairs, method, len(query_labels))
+    if plan.triplet_names:
+        add_triplet_metrics(result, plan.triplet_names, queries, query_labels, database, database_labels,
+                            self_ids, triplet_batch, seed)
+    return result
+
+
+def add_triplet_metrics(result: Evaluation, names: list[str], queries: np.ndarray, query_labels: np.ndarray,
+                        database: np.ndarray, database_labels: np.ndarray, self_ids: np.ndarray | None,
+                        batch: int, seed: int) -> None:
+    """The sketch seed's in-batch metrics over seeded triples, added to ``result`` after its other metrics."""
+    triples = sample_triples(query_labels, database_labels, self_ids, batch, seed)
+    cross, negative = triple_similarities(queries, database, triples)
+    shape = cross.shape[:2]
+    values = metric_lib.triplet_metrics(cross, negative, query_labels[triples.query].reshape(shape),
+                                        database_labels[triples.positive].reshape(shape), names)
+    result.metrics.update(values)
+    result.meta.update(triple_meta(triples))
 
 
 def check_inputs(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
@@ -133,6 +154,7 @@ class SearchPlan:
 
     rank_names: list[str]
     pair_names: list[str]
+    triplet_names: list[str]
     full: bool  # the exact full ranking (map), rather than top-k lists
     k: int  # neighbours to search for (top-k metrics, saved neighbours)
     num_positives: np.ndarray
@@ -147,12 +169,14 @@ class SearchPlan:
         exclude = self_ids is not None
         num_pos = positives_per_query(query_labels, database_labels, exclude)
         db_size = len(database_labels) - int(exclude)
-        rank_names = [n for n in names if n not in PAIR_METRICS]
+        triplet_names = [n for n in names if metric_lib.is_triplet_metric(n)]
+        rank_names = [n for n in names if n not in PAIR_METRICS and n not in triplet_names]
         depth = metric_lib.depth_needed(rank_names, int(num_pos.max(initial=0)), db_size) if rank_names else 0
         full = bool(rank_names) and depth >= db_size
         # one neighbour more than the depth: it shows whether the last tie group continues
         k = min(max(neighbours, 0 if full or not rank_names else depth + 1), db_size)
-        return cls(rank_names, [n for n in names if n in PAIR_METRICS], full, k, num_pos, db_size, exclude)
+        return cls(rank_names, [n for n in names if n in PAIR_METRICS], triplet_names, full, k, num_pos, db_size,
+                   exclude)
 
 
 class PerQuery:

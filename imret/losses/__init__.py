@@ -26,6 +26,12 @@ LOSSES: dict[str, str] = {
     "ce": "imret.losses.classifier:CrossEntropyLoss",
     "ams": "imret.losses.classifier:AMSoftmaxLoss",
     "meta_ce": "imret.losses.meta_ce:MetaClassCrossEntropy",
+    # the seeds' own arithmetic (docs/seeds.md): TF's semi-hard triplet and the N-pair angular
+    # loss of the CBIR seed, the sketch seed's squared contrastive and its classifier on triples
+    "tf_semihard": "imret.losses.tf_semihard:TFSemiHardTripletLoss",
+    "npair_angular": "imret.losses.npair_angular:NPairAngularLoss",
+    "pair_contrastive": "imret.losses.pair_contrastive:PairContrastiveLoss",
+    "triplet_ce": "imret.losses.triplet_ce:TripletCrossEntropy",
 }
 # Supplied by the trainer from the model and the data. num_classes may also be set in the
 # config (e.g. 1024 classifier classes, more than the labelled data has); labelled_classes

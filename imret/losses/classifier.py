@@ -4,7 +4,8 @@ Both own their classifier weights, so like every imret loss they are called as
 ``loss(embeddings, labels)``. With cosine logits, logit_c = s * cos(theta_c), where
 theta_c is the angle between the L2-normalised embedding and class c's normalised
 weight; additive-margin softmax subtracts m from the true class's cosine before
-scaling (Wang et al., 2018; the PSS seed used m = 0.3, s = 30).
+scaling (Wang et al., 2018). The PSS seed used m = 0.3, s = 30 on a plain linear
+layer with bias rather than on cosines (``cosine=False``).
 
 Fine-tuning with pseudo-labels: labels < ``labelled_classes`` are real classes and
 labels >= it are pseudo-classes (the cluster stage's convention). ``heads=1`` trains
@@ -50,7 +51,7 @@ class _ClassifierLoss(nn.Module):
 
     def logits(self, head: int, embeddings: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         out = self.heads[head](embeddings)
-        if self.cosine and self.margin and labels is not None:
+        if self.margin and labels is not None:
             out = out - self.margin * F.one_hot(labels, out.shape[1]).to(out.dtype)
         return self.scale * out
 
@@ -85,8 +86,12 @@ class CrossEntropyLoss(_ClassifierLoss):
 
 
 class AMSoftmaxLoss(_ClassifierLoss):
-    """Additive-margin softmax (CosFace): cross-entropy over s * (cos(theta) - m * [true class])."""
+    """Additive-margin softmax (CosFace): cross-entropy over s * (cos(theta) - m * [true class]).
+
+    ``cosine=False`` is the PSS seed's head instead: a plain ``Linear`` with bias on the
+    (L2-normalised) embedding, and cross-entropy over s * (logit - m * [true class]).
+    """
 
     def __init__(self, embed_dim: int, num_classes: int, margin: float = 0.3, scale: float = 30.0,
-                 heads: int = 1, labelled_classes: int = 0) -> None:
-        super().__init__(embed_dim, num_classes, scale, margin, True, heads, labelled_classes)
+                 cosine: bool = True, heads: int = 1, labelled_classes: int = 0) -> None:
+        super().__init__(embed_dim, num_classes, scale, margin, cosine, heads, labelled_classes)

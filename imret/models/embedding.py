@@ -9,15 +9,26 @@ import torch.nn as nn
 
 from imret.config import ModelConfig
 from imret.models.pooling import Pool, l2_normalize
+from imret.models.weights import freeze, load_pretrained, weights_name
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm model without classifier and pooling; weights only from a local file."""
+    """A timm model without classifier and pooling; weights only from the local cache or a local file.
+
+    timm is never asked for ``pretrained=True``: that would download inside a job.
+    """
     import timm
 
     model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, global_pool="", **cfg.backbone_kwargs)
+    if cfg.pretrained:
+        load_pretrained(model, weights_name(cfg.backbone), cfg.weights_dir)
     if cfg.pretrained_path:
         load_local_weights(model, cfg.pretrained_path)
+    if cfg.bn_momentum:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.bn_momentum
+    freeze(model, cfg.freeze)
     return model
 
 
@@ -42,17 +53,21 @@ def load_local_weights(model: nn.Module, path: str) -> None:
 
 
 class FrozenBatchNorm(nn.Module):
-    """``model.batchnorm: frozen``: BatchNorm keeps its weights and running statistics.
+    """``model.batchnorm: frozen`` or ``frozen_stats``: BatchNorm keeps its running statistics.
 
-    Call ``freeze_batchnorm`` once every layer exists: the BatchNorm parameters stop
-    taking gradients, and ``train()`` leaves those layers in eval mode.
+    Call ``freeze_batchnorm`` once every layer exists: ``train()`` then leaves the
+    BatchNorm layers in eval mode, so they normalise with (and never update) their
+    running statistics. ``frozen`` also stops their scale and shift from training;
+    ``frozen_stats`` trains them, as the PSS seed does (it puts every BatchNorm2d in
+    eval mode and keeps its affine parameters in the optimizer).
     """
 
     frozen_bn = False
 
-    def freeze_batchnorm(self, frozen: bool) -> None:
-        self.frozen_bn = frozen
-        for module in self._batchnorms() if frozen else []:
+    def freeze_batchnorm(self, mode: str) -> None:
+        """``mode``: the ``model.batchnorm`` setting; other values than the two frozen ones change nothing."""
+        self.frozen_bn = mode in ("frozen", "frozen_stats")
+        for module in self._batchnorms() if mode == "frozen" else []:
             for p in module.parameters():
                 p.requires_grad_(False)
 
@@ -67,17 +82,21 @@ class FrozenBatchNorm(nn.Module):
 
 
 class EmbeddingNet(FrozenBatchNorm):
-    """Maps images to L2-normalised embeddings."""
+    """Maps images to L2-normalised embeddings (raw ones with ``model.normalize: false``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.backbone = create_backbone(cfg)
         self.pool_kind = cfg.pool
         self.pool = Pool(cfg.pool, cfg.gem_p, cfg.gem_learnable) if cfg.pool != "token" else None
+        self.normalize = cfg.normalize  # false: raw features to the losses (the sketch seed's)
         self.feature_dim = int(self.backbone.num_features)
         self.head = nn.Linear(self.feature_dim, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
+        if cfg.head_init == "orthogonal" and cfg.embed_dim:
+            nn.init.orthogonal_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.embed_dim = cfg.embed_dim or self.feature_dim
-        self.freeze_batchnorm(cfg.batchnorm == "frozen")
+        self.freeze_batchnorm(cfg.batchnorm)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features as B x C x N (positions last), whatever layout timm returns."""
@@ -98,7 +117,8 @@ class EmbeddingNet(FrozenBatchNorm):
         return self.pool(x[:, :, prefix:])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return l2_normalize(self.head(self.pooled(images)))
+        out = self.head(self.pooled(images))
+        return l2_normalize(out) if self.normalize else out
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the head learning-rate multiplier (head and pooling)."""

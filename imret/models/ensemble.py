@@ -70,7 +70,10 @@ def check_ensemble_config(cfg: ModelConfig) -> None:
                          "use avg (the seed's), gem or max")
     import timm
 
-    if cfg.backbone not in timm.list_models(module="resnet"):
+    if cfg.freeze:
+        raise ValueError("model.freeze: an ensemble's replicated stages are rebuilt for its branches, which would "
+                         "not keep them frozen; leave model.freeze empty for an ensemble")
+    if cfg.backbone.split(".", 1)[0] not in timm.list_models(module="resnet"):  # a weights tag may follow
         raise ValueError(f"model.ensemble needs a ResNet-family backbone from timm (resnet18, resnet34, resnet50, "
                          f"resnext50_32x4d, ...); '{cfg.backbone}' is not one")
 
@@ -197,7 +200,7 @@ class EnsembleNet(FrozenBatchNorm):
         self.head_bias = nn.Parameter(torch.empty(ens.branches, ens.meta_class_size))
         self._init_heads()
         self.embed_dim = ens.branches * ens.meta_class_size
-        self.freeze_batchnorm(cfg.batchnorm == "frozen")
+        self.freeze_batchnorm(cfg.batchnorm)
 
     def _init_heads(self) -> None:
         """Each branch's head as nn.Linear initialises it (fan-in = F, not E x M x F)."""
