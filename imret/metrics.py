@@ -118,7 +118,8 @@ def _require_depth(ranks: Ranks, needed: int, metric: str) -> None:
 
 def _per_query_sum(ranks: Ranks, values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     query, _ = ranks.positions()
-    return np.bincount(query[keep], weights=values[keep], minlength=ranks.num_queries)
+    # float64 even when nothing is kept: numpy's bincount of no items is int64, weights or not
+    return np.bincount(query[keep], weights=values[keep], minlength=ranks.num_queries).astype(np.float64, copy=False)
 
 
 def average_precision(ranks: Ranks) -> np.ndarray:

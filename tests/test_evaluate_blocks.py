@@ -158,3 +158,24 @@ def test_config_refuses_a_budget_that_is_not_positive(value):
 def test_the_budget_is_not_part_of_the_config_digest():
     """It changes no result, so results written under another budget stay current."""
     assert from_dict({"evaluate": {"block_mb": 64}}, "e").digest() == from_dict({}, "e").digest()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("self_search", [False, True])
+def test_seeds_rank_metrics_under_a_small_budget(tied, self_search):
+    """mips_map@K and ap_hits@K (the seeds' own), reduced block by block, equal the unblocked run
+    and the same metrics computed from all ranks at once. Tied: groups of ~190 equal scores, so no
+    positive ranks within 5 and ap_hits@5 is 0 (a block without a hit must not fail)."""
+    q, ql, db, dl = data(9 + tied, tied)
+    own = np.arange(len(q)) if self_search else None
+    names = ["map", "mips_map@5", "ap_hits@5", "mips_map@40", "ap_hits@40"]
+    db_arg, dl_arg = (None, None) if self_search else (db, dl)
+    small, large = (evaluate(q, ql, db_arg, dl_arg, names, neighbours=0, search=ExactSearch(device="cpu", block_mb=mb))
+                    for mb in (SMALL_MB, LARGE_MB))
+    assert small.metrics == large.metrics
+    ranks = full_ranks(q, ql, q if self_search else db, ql if self_search else dl, self_ids=own, block_mb=LARGE_MB)
+    assert small.metrics == metric_lib.compute(ranks, names)
+    if tied:
+        assert small.metrics["ap_hits@5"] == 0
+    else:
+        assert 0 < small.metrics["ap_hits@5"] <= 1 and small.metrics["mips_map@40"] < small.metrics["ap_hits@40"]
