@@ -48,6 +48,16 @@ def experiments_file(tmp_path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------- names
 
 
+@pytest.mark.parametrize("where", ["evaluate.query", "evaluate.database", "extract.splits", "data.train_splits",
+                                   "cluster.splits", "train.validation.query"])
+def test_split_names_that_would_leave_a_directory_are_refused(capsys, tmp_path, where):
+    # splits become directories under data.root and the run directory (features/<split>/)
+    value = "[../../etc]" if where.endswith("splits") else "../../etc"
+    err = refused(capsys, "--exp", "digits_demo", "--dry-run", "--cluster", "local", "--set", f"run.root={tmp_path}",
+                  "--set", f"{where}={value}")
+    assert where in err and "not an accepted name" in err
+
+
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x", "..", "a/../../b", "a//b", ".hidden", "-rf", "a b"])
 def test_run_names_that_leave_the_runs_root_are_refused(capsys, tmp_path, name):
     runs = tmp_path / "deep" / "runs"

@@ -370,7 +370,7 @@ def test_dry_run_shows_the_seeds_settings_and_the_gpu_shape(name, capsys, tmp_pa
     assert main(["--exp", name, "--dry-run", "--cluster", "slurm", "--set", f"run.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     meta_classes = FULL[name]
-    for text in ("model resnet18 pool=avg", f"embed_dim={48 * meta_classes}", "'branches': 48",
+    for text in ("model resnet18.tv_in1k pool=avg", f"embed_dim={48 * meta_classes}", "'branches': 48",
                  f"'meta_class_size': {meta_classes}", "'codes': 'fixed'", "optim adam lr=0.0001",
                  f"epochs {20 if meta_classes == 12 else 40}", "batch 16 (random",
                  "stage train [to run]: 1 node(s) x 8 task(s), 8 GPU(s) per node = 8 rank(s)",

@@ -17,7 +17,11 @@ everything but the download itself runs, and is tested, without a network.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import socket
 import sys
+from urllib.parse import urlparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,12 +55,24 @@ def timm_state_dict(name: str, file: Path | None = None) -> tuple[dict[str, torc
     """
     import timm
 
+    if file is None:
+        check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     overlay = {"file": str(file)} if file is not None else None
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     cfg = model.pretrained_cfg
     source = str(file) if file is not None else (
         f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url") or "timm"))
     return model.state_dict(), source
+
+
+def check_reachable(endpoint: str, timeout_s: float = 5.0) -> None:
+    """OSError at once when the weights' host cannot be reached, instead of the hub's minute of retries."""
+    host = urlparse(endpoint).hostname or endpoint
+    port = urlparse(endpoint).port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise OSError(f"{host} cannot be reached ({err})") from None
 
 
 def fetch(name: str, weights_dir: str, file: Path | None = None, force: bool = False,
@@ -105,6 +121,7 @@ def experiment_weights(experiments: Path, name: str, overrides: Sequence[str]) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings; our error says it all
     try:
         wanted = _wanted(args)
         if not wanted:

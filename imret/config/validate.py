@@ -73,12 +73,25 @@ def _validate_names(cfg: ExperimentConfig) -> None:
         check_name(cfg.name, "experiment name")
     if cfg.run.name:
         check_run_name(cfg.run.name, "run.name")
+    for where, split in _split_names(cfg):
+        if split:  # empty: "not set" (the query split searched against itself, or the evaluate stage's splits)
+            check_name(split, where)
     res = cfg.resources
     for key in ("partition", "account", "qos", "constraint", "exclude"):
         value = getattr(res, key)
         if any(ch in value for ch in "\n\r\0") or value != value.strip():
             raise ConfigError(f"resources.{key}: {value!r} holds a line break or surrounding blanks; it becomes an "
                               f"#SBATCH line, so give the bare value")
+
+
+def _split_names(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Every split name with its field: each becomes a directory under data.root and the run directory."""
+    single = [("evaluate.query", cfg.evaluate.query), ("evaluate.database", cfg.evaluate.database),
+              ("train.validation.query", cfg.train.validation.query),
+              ("train.validation.database", cfg.train.validation.database)]
+    lists = {"data.train_splits": cfg.data.train_splits, "extract.splits": cfg.extract.splits,
+             "cluster.splits": cfg.cluster.splits, "cluster.labelled": cfg.cluster.labelled}
+    return single + [(f"{where}[{i}]", s) for where, names in lists.items() for i, s in enumerate(names)]
 
 
 def _check_at_least(where: str, value: float, low: float) -> None:
