@@ -16,7 +16,8 @@ database items x 128-d, 100 classes by default) are scored several ways:
 Every case runs in a fresh process, so that one case's memory (numpy's sorted matrix,
 PML's) cannot inflate another's figure; rounds alternate the cases, and each figure is
 the median over rounds of one timed call after one untimed warm-up call. Each case
-reports its peak RSS during the timed call (VmHWM, reset before it), beside the RSS of
+reports its CPU time (all threads; less inflated than wall time when other processes share
+the cores) and its peak RSS during the timed call (VmHWM, reset before it), beside the RSS of
 an interpreter that has only imported torch, faiss and imret, and the features' size.
 Every method's values are checked against imret's.
 
@@ -187,10 +188,10 @@ def child(args: argparse.Namespace) -> int:
         release_freed()
     before = memory_kib("VmRSS")
     exact_peak = reset_peak()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = run() or {}
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss_before_kib": before, "peak_kib": memory_kib("VmHWM"),
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_before_kib": before, "peak_kib": memory_kib("VmHWM"),
                       "peak_is_of_call": exact_peak, "features_bytes": int(q.nbytes + db.nbytes), **out}))
     return 0
 
@@ -282,18 +283,20 @@ def print_table(results: dict, constant: dict, args: argparse.Namespace) -> None
     base = constant["rss_kib"]
     print(f"\nRSS of an interpreter that imported torch, faiss and imret: {mib(constant['imports_kib'])} MiB; after a "
           f"first (tiny) evaluation, the constant every case carries: {mib(base)} MiB")
-    print("\n| case | seconds | ratio | peak RSS MiB | features MiB | peak - constant - features MiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| case | seconds | ratio | CPU s | CPU ratio | peak RSS MiB | features MiB | peak - constant - features MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     names = {"floor": "(a) floor: score matrix (torch.mm)", "full": "(b) imret full evaluation (one pass)",
              "family": "(b') imret map@R family (FAISS top-k)", "pml": "(c) PML AccuracyCalculator",
              "numpy": "(d) numpy argsort baseline"}
     for (case, mult), runs in results.items():
-        t = median(results, (case, mult))
-        ratio = ""
+        t, cpu = median(results, (case, mult)), median(results, (case, mult), "cpu_seconds")
+        ratio = cpu_ratio = ""
         if case == "full":
             ratio = f"{t / median(results, ('floor', mult)):.2f} x floor"
+            cpu_ratio = f"{cpu / median(results, ('floor', mult), 'cpu_seconds'):.2f} x floor"
             if mult > 1 and ("full", 1) in results:
                 ratio += f"; {t / median(results, ('full', 1)):.2f} x the x 1 time"
+                cpu_ratio += f"; {cpu / median(results, ('full', 1), 'cpu_seconds'):.2f} x the x 1"
         elif case == "family":
             ratio = f"{t / median(results, ('pml', 1)):.2f} x PML"
         elif case == "numpy":
@@ -305,7 +308,8 @@ def print_table(results: dict, constant: dict, args: argparse.Namespace) -> None
             if case == "full" else ""
         label = f"{names[case]}, database x {mult}" if mult > 1 else names[case]
         rounds = f" ({len(runs)} run{'s' if len(runs) > 1 else ''})" if len(runs) != args.rounds else ""
-        print(f"| {label}{rounds} | {t:.2f} | {ratio} | {mib(peak)} | {mib(feats)} | {mib(extra)}{within} |")
+        print(f"| {label}{rounds} | {t:.2f} | {ratio} | {cpu:.2f} | {cpu_ratio} | {mib(peak)} | {mib(feats)} | "
+              f"{mib(extra)}{within} |")
 
 
 def print_values(results: dict, faiss: dict) -> None:
