@@ -23,7 +23,10 @@ data/digits/database/manifest.json: $(STAMP) shards/digits.py shards/writer.py
 data/digits_loop/test/manifest.json: $(STAMP) shards/digits.py shards/writer.py
 	$(PY) -m shards.write digits --protocol loop --out data/digits_loop --no-progress
 
-shards: data/digits/database/manifest.json data/digits_loop/test/manifest.json
+data/digits_open/test/manifest.json: $(STAMP) shards/digits.py shards/writer.py
+	$(PY) -m shards.write digits --protocol open --out data/digits_open --no-progress
+
+shards: data/digits/database/manifest.json data/digits_loop/test/manifest.json data/digits_open/test/manifest.json
 
 demo: shards
 	$(PY) launch/submit.py --exp digits_demo

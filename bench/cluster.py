@@ -10,6 +10,11 @@ leaves them alone.
 
     python bench/cluster.py [--points 1000000] [--clusters 10000] [--dim 128] [--index hnsw]
     python bench/cluster.py --small      # 100,000 points, 1,000 clusters: a quick run
+
+``--open-world`` runs the planted open-world comparison of Hi-LANDER instead
+(bench/cluster_open_world.py; run as ``python -m bench.cluster --open-world``): imret's
+hilander and density methods through ``tools.cluster`` on long-tailed planted data,
+beside the DGL reference's recorded figures.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 
 import numpy as np
@@ -84,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, default=ClusterConfig.levels)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="100,000 points in 1,000 clusters")
+    parser.add_argument("--open-world", action="store_true",
+                        help="the Hi-LANDER comparison of bench/cluster_open_world.py (its own flags follow)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--open-world" in argv:
+        from bench.cluster_open_world import main as open_world
+
+        open_world([a for a in argv if a != "--open-world"])
+        return
     args = parser.parse_args(argv)
     if args.small:
         args.points, args.clusters = 100_000, 1_000

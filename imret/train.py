@@ -295,14 +295,15 @@ def _validate(training: Training, board: Board, epoch: int) -> None:
 
 
 def _stop_here(training: Training) -> None:
-    """Save where we stand (a safe point: the step is complete) and stop for a requeue."""
+    """Save where we stand (a safe point: the step is complete) and stop (for a requeue, or for good)."""
     pos = training.position
     if pos.step:  # an epoch end was saved just above
         training.save(epoch_end=False)
     barrier(training.info)
     if training.info.is_main:
+        why = "for a requeue" if stopping.purpose() == stopping.REQUEUE else "to end"
         print(f"train: stop requested; saved at global step {pos.global_step} (epoch {pos.epoch + 1}, "
-              f"step {pos.step}) for a requeue", flush=True)
+              f"step {pos.step}) {why}", flush=True)
     raise stopping.StopRequested(f"stopped at global step {pos.global_step}")
 
 

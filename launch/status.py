@@ -1,9 +1,10 @@
 """Where an experiment stands: ``python launch/status.py --exp NAME``.
 
 For each stage (and each point of a sweep): the newest job submitted for it, its
-SLURM state and elapsed time (squeue, then scontrol, then sacct where it exists),
-the ``.done`` markers, the last lines of the log of a failed stage, and the headline
-metrics once the run is evaluated.
+SLURM state, elapsed time and requeue count (scontrol, then sacct where it exists),
+the ``.done`` markers, the root cause of a failed stage (``slurm.diagnose``: the
+scheduler's exit code and signal, srun's ``task N: Killed``, each rank's exception)
+with the last lines of its log, and the headline metrics once the run is evaluated.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 from imret.config import ConfigError, Experiments
 from imret.rundir import RunDir
+from slurm.diagnose import Report, report
 from slurm.state import slurm_state
 
 HEADLINE = ("map", "recall@1", "map@R", "precision@1", "recall@4")
 
 
 def stage_rows(run: RunDir, stages: list[str]) -> list[dict[str, str]]:
-    """One row per stage: its state, job, elapsed time and, on failure, where to look."""
+    """One row per stage: its state, job, elapsed time, requeues and, on failure, its root cause."""
     path = run.jobs / "submissions.json"
     submissions = json.loads(path.read_text()) if path.exists() else []
     newest = {entry["stage"]: entry for entry in submissions}  # later submissions replace earlier ones
@@ -35,36 +38,53 @@ def stage_rows(run: RunDir, stages: list[str]) -> list[dict[str, str]]:
         if run.is_done(stage):
             info = run.done_info(stage)
             row.update(state="DONE", elapsed=f"{info.get('seconds', '?')} s", note=f"finished {info.get('finished', '')}")
+            requeues = _requeues(entry) if entry else 0
+            row["note"] += f"; requeued {requeues} time(s)" if requeues else ""
         elif entry:
-            _fill_from_scheduler(row, entry, failed)
+            _fill_from_scheduler(row, entry, failed, run)
             if row.pop("failed", False) and failed is None:
                 failed = stage
-                row["note"] = f"log: {entry['stderr']}"
-                row["log_tail"] = _tail(Path(entry["stderr"]))
         rows.append(row)
     return rows
 
 
-def _fill_from_scheduler(row: dict[str, str], entry: dict[str, str], failed: str | None) -> None:
+def _fill_from_scheduler(row: dict[str, Any], entry: dict[str, str], failed: str | None, run: RunDir) -> None:
+    state = slurm_state(entry["job_id"]) if entry["mode"] == "slurm" else None
+    rep = report(entry, state)
     if entry["mode"] != "slurm":
-        row["state"] = "UNFINISHED (local job: see its log)"
-        row["note"] = f"log: {entry['stderr']}"
-        return
-    state = slurm_state(entry["job_id"])
-    if state is None:
-        row["state"] = "UNKNOWN (no longer known to the scheduler)"
-        return
-    row.update(state=state.state, elapsed=state.elapsed, failed=state.failed and not failed)
-    if failed and state.state in ("PENDING", "CANCELLED"):
-        row["note"] = f"waits on the failed stage '{failed}': it will not run"
-    elif state.reason:
-        row["note"] = state.reason
+        _fill_local(row, entry, run, rep)
+    elif state is None:  # ended long ago (or on a scheduler restarted since): its logs still tell how
+        row.update(state="UNKNOWN (no longer known to the scheduler)", ended=bool(rep.causes))
+    else:
+        row.update(state=state.state, elapsed=state.elapsed, failed=state.failed and not failed)
+        if failed and state.state in ("PENDING", "CANCELLED"):
+            row["note"] = f"waits on the failed stage '{failed}': it will not run"
+        elif state.reason:
+            row["note"] = state.reason
+    ended = row.pop("ended", False) or row.get("failed") or row["state"].startswith("STOPPED")
+    notes = [f"requeued {rep.requeues} time(s)"] if rep.requeues else []
+    if ended:
+        notes.append("stopped on request after saving: submit again to continue" if rep.stopped else
+                     f"log: {Path(entry['stderr']).parent}")
+        row["report"] = "\n".join(rep.lines())
+    row["note"] = "; ".join(notes + ([row["note"]] if row["note"] and not ended else []))
 
 
-def _tail(path: Path, lines: int = 12) -> str:
-    if not path.exists():
-        return "    (no log was written)"
-    return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+def _requeues(entry: dict[str, str]) -> int:
+    return report(entry, slurm_state(entry["job_id"]) if entry["mode"] == "slurm" else None).requeues or 0
+
+
+def _fill_local(row: dict[str, Any], entry: dict[str, str], run: RunDir, rep: Report) -> None:
+    """A local job: running while its controller lives; afterwards stopped on request, or failed."""
+    from slurm.ownership import controller_alive
+
+    if controller_alive(entry, run.root):
+        row["state"] = "RUNNING"
+        row["note"] = f"local, controller pid {entry['job_id']}"
+    elif rep.stopped:
+        row["state"] = "STOPPED"
+    else:
+        row.update(state="FAILED", failed=True)
 
 
 def headline(run: RunDir) -> str:
@@ -80,8 +100,8 @@ def print_run(run: RunDir, stages: list[str]) -> bool:
     print(f"{run.root}")
     for row in rows:
         print(f"  {row['stage']:<9} {row['state']:<12} job {row['job']:<12} {row['elapsed']:<12} {row['note']}")
-        if "log_tail" in row:
-            print(row["log_tail"])
+        if "report" in row:
+            print(row["report"])
     metrics = headline(run)
     if metrics:
         print(f"  results   {metrics}")
@@ -116,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch import run_program
+
+    run_program(main)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show stages, job shapes and sbatch parameters; submit nothing")
     p.add_argument("--wait", action="store_true", help="on SLURM, wait for the chain and show the results")
     p.add_argument("--force", action="store_true",
-                   help="accept a config that differs from the one already in the run directory (the old one is kept)")
+                   help="accept a config that differs from the one already in the run directory (the old one is "
+                        "kept), and submit even while jobs of an earlier submission still live in it")
+    p.add_argument("--pdb", action="store_true",
+                   help="with --cluster debug: stop in the debugger (pdb) where a stage fails")
     p.add_argument("--only", nargs="+", default=[], metavar="POINT",
                    help="for a sweep: run only these points (names as --dry-run lists them)")
     p.add_argument("--experiments", type=Path, default=ROOT / "experiments.yaml", help="experiments file")
@@ -55,6 +61,22 @@ def list_experiments(exps: Experiments) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill <pid>` stops the submission as Ctrl-C does
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # before or between submissions; a running local job is stopped in slurm.waiting
+        hint = f" See what it submitted with `{status_command(args)}`." if args.exp else ""
+        print(f"\nsubmit: interrupted.{hint}", file=sys.stderr)
+        return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         exps = Experiments.load(args.experiments)
         if args.list:
@@ -62,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.exp:
             raise ConfigError("name an experiment with --exp NAME (see --list)")
+        if args.pdb and args.cluster != "debug":
+            raise ConfigError("--pdb opens the debugger in this process, and only --cluster debug runs stages in it; "
+                              "add --cluster debug")
         cfg = checks.resolve(exps, args.exp, args.overrides)
         if args.print_config:
             print(yaml_text(cfg), end="")
@@ -121,25 +146,79 @@ def _submit(cfg: ExperimentConfig, exps: Experiments, args: argparse.Namespace) 
         return 0
     for link in chain:
         _check_data(link)
-    paths = [_write_config(link, args.force) for link in chain]
-    from slurm.chain import StageFailed, submit_chain
+    from slurm.ownership import owned
+
+    with owned([link.run_dir for link in chain], args.force, status_command(args)):
+        paths = [_write_config(link, args.force) for link in chain]
+        return _submit_links(chain, paths, mode, args)
+
+
+def _submit_links(chain: list[ExperimentConfig], paths: list[Path], mode: str, args: argparse.Namespace) -> int:
+    from slurm.chain import Interrupted, StageFailed, submit_chain
 
     print(f"submit: {' -> '.join(c.name for c in chain)} ({mode})")
     started = time.time()
     submitted, last = [], None
     try:
         for link, path in zip(chain, paths):
-            entries = submit_chain(link, mode, path, wait=args.wait, after=last)
+            entries = submit_chain(link, mode, path, wait=args.wait, after=last, pdb=args.pdb)
             submitted += entries
             last = entries[-1].job_id if entries else last
     except StageFailed as err:
         print(f"submit: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        return _interrupted(err, chain, mode, args)
     if mode == "slurm" and not args.wait and submitted:
-        print(f"submit: {len(submitted)} job(s) queued; follow them with `python launch/status.py --exp {cfg.name}`")
+        print(f"submit: {len(submitted)} job(s) queued; follow them with `{status_command(args)}`")
         return 0
-    _summary(cfg, time.time() - started)
+    _summary(chain[-1], time.time() - started)
     return 0
+
+
+def _interrupted(err: Exception, chain: list[ExperimentConfig], mode: str, args: argparse.Namespace) -> int:
+    """What a stopped submission kept, and the command that continues it."""
+    if mode == "slurm":
+        print(f"submit: {err}; follow them with `{status_command(args)}`", file=sys.stderr)
+        return 130
+    from imret.checkpoint import Checkpointer
+    from imret.rundir import RunDir
+
+    kept = []
+    for link in chain:
+        run = RunDir(link.run_dir)
+        latest = Checkpointer(run.ckpt).latest() if "train" in link.stages and not run.is_done("train") else None
+        if latest is not None:
+            kept.append(f"{link.name}'s training is saved in {latest}")
+    print(f"submit: interrupted: {err}. {'; '.join(kept) + '. ' if kept else ''}Finished stages are kept. "
+          f"Continue with `{resume_command(args)}`: finished stages are skipped and training resumes from its "
+          f"newest checkpoint.", file=sys.stderr)
+    return 130
+
+
+def _argv_of(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    argv = ["--exp", args.exp]
+    if Path(args.experiments).resolve() != (ROOT / "experiments.yaml").resolve():
+        argv += ["--experiments", str(args.experiments)]
+    for override in overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def status_command(args: argparse.Namespace) -> str:
+    """The status command that finds this submission's run directories (the overrides that place them)."""
+    placing = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(("run.", "stages", "sweep"))]
+    return shlex.join(["python", "launch/status.py", *_argv_of(args, placing)])
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """This submission again, with every override (a different config would be refused)."""
+    argv = _argv_of(args, args.overrides)
+    if args.cluster != "auto":
+        argv += ["--cluster", args.cluster]
+    if args.only:
+        argv += ["--only", *args.only]
+    return shlex.join(["python", "launch/submit.py", *argv])
 
 
 def _sweep_configs(cfg: ExperimentConfig, exps: Experiments, args: argparse.Namespace) -> list[ExperimentConfig]:
@@ -171,30 +250,40 @@ def _submit_sweep(cfg: ExperimentConfig, exps: Experiments, args: argparse.Names
         return 0
     for point in configs:
         _check_data(point)
-    paths = [_write_config(point, args.force) for point in configs]
+    from slurm.ownership import owned
+
+    with owned([point.run_dir for point in configs], args.force, status_command(args)):
+        paths = [_write_config(point, args.force) for point in configs]
+        return _submit_points(cfg, configs, paths, mode, args)
+
+
+def _submit_points(cfg: ExperimentConfig, configs: list[ExperimentConfig], paths: list[Path], mode: str,
+                   args: argparse.Namespace) -> int:
     print(f"submit: sweep {cfg.name}: {len(configs)} point(s) -> {Path(cfg.run.root) / (cfg.run.name or cfg.name)} ({mode})")
     if mode == "slurm":
         from slurm.chain import submit_sweep
 
         log_dir = Path(cfg.run.root) / (cfg.run.name or cfg.name) / "jobs"
         submitted = submit_sweep(list(zip(configs, paths)), mode, log_dir, cfg.sweep.array_parallelism)
-        print(f"submit: {len(submitted)} array task(s) queued; follow them with "
-              f"`python launch/status.py --exp {cfg.name}`")
+        print(f"submit: {len(submitted)} array task(s) queued; follow them with `{status_command(args)}`")
         return 0
-    return _run_points_locally(configs, paths, mode)
+    return _run_points_locally(configs, paths, mode, args)
 
 
-def _run_points_locally(configs: list[ExperimentConfig], paths: list[Path], mode: str) -> int:
-    from slurm.chain import StageFailed, submit_chain
+def _run_points_locally(configs: list[ExperimentConfig], paths: list[Path], mode: str,
+                        args: argparse.Namespace) -> int:
+    from slurm.chain import Interrupted, StageFailed, submit_chain
 
     failed = []
     for point, path in zip(configs, paths):
         print(f"\n== {point.run_dir}")
         try:
-            submit_chain(point, mode, path)
+            submit_chain(point, mode, path, pdb=args.pdb)
         except StageFailed as err:  # the other points still run: one failure hides nothing
             print(f"submit: {err}", file=sys.stderr)
             failed.append(str(point.run_dir))
+        except Interrupted as err:  # the user stops the whole sweep
+            return _interrupted(err, [point], mode, args)
     print(f"\nsubmit: sweep done: {len(configs) - len(failed)} of {len(configs)} point(s) finished"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
@@ -257,11 +346,24 @@ def _write_config(cfg: ExperimentConfig, force: bool) -> Path:
                 f"with --set run.name=<new name>, or pass --force to replace the config and keep the finished stages."
             )
         if changes:
-            backup = run.config.with_name(f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-            run.config.replace(backup)
-            print(f"submit: --force: the previous config is kept as {backup}")
+            print(f"submit: --force: the previous config is kept as {_keep(run.config)}")
     save_yaml(cfg, run.config)
     return run.config
+
+
+def _keep(config: Path) -> Path:
+    """Copy the config to a backup name no file has yet (two --force runs in one second keep both)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = config.read_text()
+    for n in range(1, 10_000):
+        backup = config.with_name(f"config.{stamp}{f'-{n}' if n > 1 else ''}.yaml")
+        try:
+            with open(backup, "x") as f:  # exclusive creation: never replaces an earlier backup
+                f.write(text)
+            return backup
+        except FileExistsError:
+            continue
+    raise AssertionError(f"no free backup name beside {config}")
 
 
 def _dry_run(cfg: ExperimentConfig, mode: str, after: str | None = None) -> None:
@@ -308,4 +410,6 @@ def _summary(cfg: ExperimentConfig, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch import run_program
+
+    run_program(main)

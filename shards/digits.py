@@ -16,6 +16,15 @@ cluster-finetune loop), over all ten digits:
 - ``unl``: the rest, unlabelled for training; their true digits stay in the shards as
   held-out ground truth for measuring clustering quality (1,370).
 
+``--protocol open`` (the digits_open experiments: the loop in the open world, like
+PSS's U = U_in + U_out), with digits 8 and 9 never labelled:
+
+- ``lab``: the first 8 images of each of the digits 0-7 (64);
+- ``test``: the same held-out images as the loop protocol's, over all ten digits (347);
+- ``uin``: the other images of digits 0-7, unlabelled (1,101; the loop's ``unl`` for 0-7);
+- ``uout``: the other images of digits 8 and 9, unlabelled, of classes no labelled
+  image shows (285).
+
 Images are upscaled from 8x8 to 32x32 (bicubic) and stored as greyscale PNG.
 Labels are the digits themselves, so class names are "0" ... "9" in every split.
 """
@@ -38,13 +47,15 @@ QUERY_EVERY = 5
 
 
 LABELLED_PER_CLASS = 8
+OPEN_DIGITS = range(8, 10)  # the open protocol's out-of-distribution classes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=SIZE, help="side of the upscaled images (default 32)")
-    parser.add_argument("--protocol", choices=("unseen", "loop"), default="unseen",
+    parser.add_argument("--protocol", choices=("unseen", "loop", "open"), default="unseen",
                         help="unseen: train 0-4, retrieve 5-9 (digits_demo); loop: labelled/unlabelled/test "
-                             "over all digits (digits_loop_iter*)")
+                             "over all digits (digits_loop_iter*); open: loop with digits 8-9 unlabelled only, "
+                             "as split uout (digits_open_iter*)")
 
 
 def encode(item: tuple[int, int, np.ndarray, int]) -> Sample:
@@ -59,6 +70,11 @@ def encode(item: tuple[int, int, np.ndarray, int]) -> Sample:
 
 
 def split_of(digit: int, rank_in_class: int, protocol: str = "unseen") -> str:
+    if protocol == "open":
+        loop = split_of(digit, rank_in_class, "loop")
+        if loop == "test":
+            return loop
+        return "uout" if digit in OPEN_DIGITS else "lab" if loop == "lab" else "uin"
     if protocol == "loop":
         if rank_in_class < LABELLED_PER_CLASS:
             return "lab"
@@ -74,7 +90,8 @@ def sources(args: Any) -> list[SplitSource]:
     digits = load_digits()
     size = getattr(args, "size", SIZE)
     protocol = getattr(args, "protocol", "unseen")
-    names = ("lab", "unl", "test") if protocol == "loop" else ("train", "query", "database")
+    names = {"loop": ("lab", "unl", "test"), "open": ("lab", "uin", "uout", "test")}.get(
+        protocol, ("train", "query", "database"))
     splits: dict[str, list] = {name: [] for name in names}
     seen = np.zeros(10, dtype=int)
     for index, (pixels, digit) in enumerate(zip(digits.images, digits.target)):

@@ -7,6 +7,11 @@ Splits are named on the command line, in one of two forms:
   the path's last two folders; class names are ``<supercategory>/<class_id>``. This is
   how the seed's L_in / U_in / U_out / test lists are converted, e.g.
   ``--list lin=lin_train_set1.txt --list uin=uin_train_set1.txt --list uout=... --list test=...``;
+- with lists, ``--list-rest SPLIT=FILE``: the lines of FILE that no ``--list`` file holds,
+  in FILE's order. PSS's U_out is ``uout_train_set1.txt``; its ``train_set1.txt`` is
+  L_in, then U_in, then U_out (``test_subg_inat.py`` slices it at ``linsize`` and
+  ``linsize + uinsize``), so ``--list-rest uout=train_set1.txt`` gives U_out from
+  ``train_set1.txt`` when only that file is at hand;
 - annotations, ``--annotations SPLIT=FILE`` (repeated): the official COCO-style files
   (``--annotations train=train2018.json --annotations val=val2018.json``); class names
   are the categories' names. An image with no annotation (test2018.json) gets label -1.
@@ -43,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inat2018")
     group.add_argument("--list", action="append", metavar="SPLIT=FILE",
                        help="a split from a list of image paths (repeat for each split)")
+    group.add_argument("--list-rest", action="append", metavar="SPLIT=FILE",
+                       help="a split of the lines of FILE that no --list file holds (PSS's U_out: "
+                            "--list-rest uout=train_set1.txt)")
     group.add_argument("--annotations", action="append", metavar="SPLIT=FILE",
                        help="a split from an official annotation file such as train2018.json (repeat)")
     group.add_argument("--max-side", type=int, default=None, metavar="N",
@@ -56,18 +64,33 @@ def class_of(rel: str, where: str) -> tuple[str, str]:
     return parts[-3], parts[-2]
 
 
-def from_lists(src: Path, lists: list[tuple[str, Path]]) -> tuple[dict[str, list[tuple]], list[str]]:
-    """{split: [(rel, class_key, meta)]} and the class names, from list files."""
+def from_lists(src: Path, lists: list[tuple[str, Path]],
+               rest: tuple[str, Path] | None = None) -> tuple[dict[str, list[tuple]], list[str]]:
+    """{split: [(rel, class_key, meta)]} and the class names, from list files (and the rest of one)."""
     rows: dict[str, list[tuple[str, tuple[str, str]]]] = {}
     for split, path in lists:
         lines = read_lines(require_file(path, f"list file of split {split}"))
         rows[split] = [(line.split()[0], class_of(line.split()[0], f"{path}:{n}")) for n, line in lines]
+    if rest is not None:
+        rows[rest[0]] = rest_of(rest, {rel for split_rows in rows.values() for rel, _ in split_rows})
     classes = sorted({c for split_rows in rows.values() for _, c in split_rows},
                      key=lambda c: (numeric_first(c[1]), c[0]))  # by class id, numerically
     label = {c: i for i, c in enumerate(classes)}
     splits = {split: [(rel, label[c], {"path": rel, "class_id": _id(c[1]), "supercategory": c[0]})
                       for rel, c in split_rows] for split, split_rows in rows.items()}
     return splits, [f"{s}/{c}" for s, c in classes]
+
+
+def rest_of(rest: tuple[str, Path], listed: set[str]) -> list[tuple[str, tuple[str, str]]]:
+    """The rows of the --list-rest file whose path no --list file names."""
+    split, path = rest
+    lines = read_lines(require_file(path, f"--list-rest file of split {split}"))
+    rows = [(line.split()[0], class_of(line.split()[0], f"{path}:{n}")) for n, line in lines
+            if line.split()[0] not in listed]
+    if not rows:
+        raise ValueError(f"--list-rest {split}={path}: every line of it is in a --list file, so split {split} "
+                         "would be empty; name the file that holds all the splits (PSS: train_set1.txt)")
+    return rows
 
 
 def _id(text: str) -> int | str:
@@ -117,16 +140,25 @@ def sources(args: Any) -> list[SplitSource]:
     lists = [(s, resolve_against(src, f)) for s, f in parse_assignments(getattr(args, "list", None), "--list")]
     annotations = [(s, resolve_against(src, f))
                    for s, f in parse_assignments(getattr(args, "annotations", None), "--annotations")]
+    rests = [(s, resolve_against(src, f))
+             for s, f in parse_assignments(getattr(args, "list_rest", None), "--list-rest")]
     if bool(lists) == bool(annotations):
         raise ValueError("name the splits with --list SPLIT=FILE or with --annotations SPLIT=FILE (one form, not both)")
+    if len(rests) > 1 or (rests and not lists) or any(s == r for s, _ in lists for r, _ in rests):
+        raise ValueError("--list-rest SPLIT=FILE goes with --list, once, with a split name no --list uses "
+                         "(e.g. --list lin=lin_train_set1.txt --list uin=uin_train_set1.txt "
+                         "--list-rest uout=train_set1.txt)")
     max_side = getattr(args, "max_side", None)
     if max_side is not None and max_side < 1:
         raise ValueError("--max-side must be a positive number of pixels")
-    splits, class_names = from_lists(src, lists) if lists else from_annotations(annotations)
+    splits, class_names = (from_lists(src, lists, rests[0] if rests else None) if lists
+                           else from_annotations(annotations))
     info = {"source": str(src.resolve()),
             "image_format": f"jpg (longer side > {max_side} downscaled, re-encoded q95)" if max_side else "jpg",
             "max_side": max_side,
             "lists" if lists else "annotations": {s: str(p.resolve()) for s, p in (lists or annotations)}}
+    if rests:
+        info["list_rest"] = {rests[0][0]: str(rests[0][1].resolve())}
     result = []
     for split, rows in splits.items():
         items = [ImageItem(str(src / rel), key_from_path(rel), label, meta, max_side=max_side)

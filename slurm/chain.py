@@ -10,7 +10,7 @@ for ``launch/status.py``.
 from __future__ import annotations
 
 import json
-import sys
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +23,9 @@ from imret.pipeline import Stage, pending
 from imret.rundir import RunDir, atomic_write_json
 from slurm.executors import make_executor
 from slurm.jobs import ArrayTaskJob, StageJob
-from slurm.state import slurm_state
+from slurm.waiting import Interrupted, StageFailed, StoppedWaiting, local_start, wait_for
 
-
-class StageFailed(RuntimeError):
-    """A stage's job failed; the message names the stage and its log."""
+__all__ = ["Interrupted", "StageFailed", "Submitted", "submit_chain", "submit_stage", "submit_sweep"]
 
 
 @dataclass
@@ -39,6 +37,7 @@ class Submitted:
     stdout: str
     stderr: str
     submitted: str
+    host: str = ""  # where it was submitted from: a local job's processes run there
 
 
 def record(run: RunDir, entry: Submitted) -> None:
@@ -50,27 +49,28 @@ def record(run: RunDir, entry: Submitted) -> None:
 
 def new_entry(stage: str, job: submitit.Job[Any], mode: str, ranks: int) -> Submitted:
     return Submitted(stage, str(job.job_id), mode, ranks, str(job.paths.stdout), str(job.paths.stderr),
-                     time.strftime("%Y-%m-%d %H:%M:%S"))
+                     time.strftime("%Y-%m-%d %H:%M:%S"), socket.gethostname())
 
 
 def submit_stage(cfg: ExperimentConfig, stage: Stage, mode: str, config_path: Path,
                  dependency: str | None = None) -> tuple[submitit.Job[Any], Submitted]:
     run = RunDir(cfg.run_dir)
     executor, shape = make_executor(cfg, stage.name, mode, run.jobs / "%j", dependency)
-    job = executor.submit(StageJob(str(config_path.resolve()), stage.name, one_gpu_per_rank=stage.all_ranks))
+    with local_start(mode == "local"):
+        job = executor.submit(StageJob(str(config_path.resolve()), stage.name, one_gpu_per_rank=stage.all_ranks))
     entry = new_entry(stage.name, job, mode, shape.ranks)
     record(run, entry)
     return job, entry
 
 
 def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool = False,
-                 after: str | None = None) -> list[Submitted]:
+                 after: str | None = None, pdb: bool = False) -> list[Submitted]:
     """Submit every stage that is not done yet.
 
     On SLURM all of them go in at once, each after the previous (``afterok``; the first
     after job ``after`` when given: the last job of an upstream experiment); with
     ``wait`` this then follows them in order. Locally each stage runs and is waited
-    for before the next is submitted.
+    for before the next is submitted (``pdb``: a ``debug`` stage's failure opens the debugger).
     """
     done, todo = pending(cfg)
     for stage in done:
@@ -86,11 +86,16 @@ def submit_chain(cfg: ExperimentConfig, mode: str, config_path: Path, wait: bool
         print(f"{cfg.name}: {stage.name}: submitted job {entry.job_id} ({mode}, {entry.ranks} rank(s))"
               + (f", after {previous}" if dependency else ""), flush=True)
         if mode != "slurm":
-            wait_for(job, entry)
+            wait_for(job, entry, pdb=pdb)
         previous = str(job.job_id)
     if mode == "slurm" and wait:
-        for job, entry in submitted:
-            wait_for(job, entry)
+        try:
+            for job, entry in submitted:
+                wait_for(job, entry)
+        except StoppedWaiting:
+            ids = " ".join(entry.job_id for _, entry in submitted)
+            raise StoppedWaiting(f"stopped waiting; jobs {ids} stay queued on SLURM (cancel them with "
+                              f"`scancel {ids}`)") from None
     return [entry for _, entry in submitted]
 
 
@@ -163,63 +168,3 @@ def _submit_array(members: list[tuple[ExperimentConfig, Path]], stage_name: str,
     print(f"{stage_name}: submitted array {array_id} of {len(jobs)} task(s)"
           + (f", each after its task of {previous_array}" if previous_array else ""), flush=True)
     return array_id, entries
-
-
-def wait_for(job: submitit.Job[Any], entry: Submitted, poll_s: float = 1.0) -> None:
-    """Block until the job ends, echoing its rank-0 output; raise StageFailed on failure."""
-    follower = _LogFollower(Path(entry.stdout))
-    while not job.done():
-        follower.echo()
-        if entry.mode == "slurm" and _ended_without_result(job):
-            break
-        time.sleep(poll_s)
-    follower.echo()
-    if entry.mode == "slurm" and not job.paths.result_pickle.exists():
-        state = slurm_state(str(job.job_id))
-        why = f"{state.state}{f' ({state.reason})' if state and state.reason else ''}" if state else "gone"
-        raise StageFailed(f"stage '{entry.stage}' did not finish (job {entry.job_id}: {why}). "
-                          f"Its log: {entry.stderr}\n{_tail(Path(entry.stderr))}")
-    try:
-        job.results()
-    except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the log tail
-        raise StageFailed(
-            f"stage '{entry.stage}' failed (job {entry.job_id}). Its log: {entry.stderr}\n"
-            f"{_tail(Path(entry.stderr))}\n{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from None
-
-
-def _ended_without_result(job: submitit.Job[Any]) -> bool:
-    """A SLURM job that ended (failed, cancelled) without writing submitit's result file.
-
-    submitit reads job states from sacct, which a cluster without slurmdbd lacks; ask
-    squeue/scontrol instead, so that a cancelled dependent is not waited on for ever.
-    """
-    state = slurm_state(str(job.job_id))
-    return state is not None and state.failed and not job.paths.result_pickle.exists()
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    if not path.exists():
-        return "(no log was written)"
-    text = path.read_text(errors="replace").splitlines()
-    return "\n".join("    " + line for line in text[-lines:])
-
-
-class _LogFollower:
-    """Prints new lines of a growing log file, skipping submitit's own bookkeeping lines."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-
-    def echo(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, errors="replace") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-            self.offset = f.tell()
-        for line in chunk.splitlines():
-            if line.startswith("submitit ") or not line.strip():
-                continue
-            print("    " + line, flush=True)
-        sys.stdout.flush()

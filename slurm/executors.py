@@ -17,6 +17,28 @@ from imret.pipeline import STAGES
 
 MODES = ("auto", "slurm", "local", "debug")
 
+# The batch shell runs srun in the foreground, and bash acts on a trapped signal only once
+# its foreground command ends; an untrapped USR2 kills it (the job FAILED with signal 12, no
+# checkpoint). `scancel --signal=USR2 --batch` and sites that use `--signal=B:USR2@...` send
+# USR2 to the batch shell only. So the script's `srun` becomes this function: it runs the
+# step in the background and waits for it, passing USR2 on to the step (srun forwards it to
+# every task), and outlives SIGTERM, which SLURM sends to the ranks themselves as well: they
+# save before KillWait runs out, and the job ends when they have.
+BATCH_SHELL_SIGNALS = [
+    "# imret: pass USR2 sent to this batch shell on to the ranks; wait for them through SIGTERM",
+    "srun() {",
+    "    command srun \"$@\" &",
+    "    local step=$! status",
+    "    trap 'imret_signalled=1; kill -USR2 '\"$step\"' 2>/dev/null' USR2",
+    "    trap 'imret_signalled=1' TERM",
+    "    while :; do",
+    "        imret_signalled=0",
+    "        wait \"$step\"; status=$?",
+    "        ((imret_signalled)) || return \"$status\"",
+    "    done",
+    "}",
+]
+
 
 def slurm_available() -> bool:
     """SLURM is usable when sbatch is on PATH and the controller answers."""
@@ -90,6 +112,7 @@ def slurm_parameters(res: ResourcesConfig, shape: Shape, name: str) -> dict[str,
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
         # a job whose dependency failed is cancelled rather than left pending for ever
         "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
+        "slurm_setup": list(BATCH_SHELL_SIGNALS),
     }
     if shape.gpus_per_node:
         params["gpus_per_node"] = shape.gpus_per_node

@@ -13,19 +13,22 @@ finishes its step, the ranks agree, rank 0 saves, and only then is submitit's ow
 handler run: ``checkpoint`` returns this job as a ``DelayedSubmission``, submitit
 requeues it, and the requeued job resumes from the checkpoint just written. Stages
 that cannot stop cooperatively get submitit's handler at once (their finished parts
-are kept on disk and skipped when the job runs again).
+are kept on disk and skipped when the job runs again). SIGTERM and SIGINT stop the
+same way but end the job instead of requeuing it (``slurm.signals``).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import time
-from types import FrameType
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import submitit
+
+from slurm import signals
+
+if TYPE_CHECKING:  # the library is imported late, in the job (the submitting process stays light)
+    from imret.config import ExperimentConfig
 
 
 class StageJob:
@@ -41,13 +44,19 @@ class StageJob:
         from imret.config import load_yaml
         from imret.pipeline import run_stage
 
-        submitit_handler = _defer_preemption_signal()
         cfg = load_yaml(self.config_path)
+        explain = _requeue_refused(cfg, self.stage)
+        submitit_handler = signals.route(explain)
         try:
             return run_stage(cfg, self.stage)
         except stopping.StopRequested:
-            _requeue(submitit_handler)
-            raise AssertionError("unreachable: the job exits for its requeue")
+            signals.stopped()
+            if stopping.purpose() == stopping.END:
+                signals.await_requeue_request()
+            if stopping.purpose() == stopping.REQUEUE:
+                signals.requeue(submitit_handler, explain)
+            signals.end(self.stage)
+            raise AssertionError("unreachable: the rank exits for its requeue or its end")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # By the time submitit calls this, the trainer has saved its state at a safe point (see
@@ -70,6 +79,7 @@ class ArrayTaskJob:
         from imret.pipeline import array_step, run_array_task
 
         cfg = load_yaml(self.config_path)
+        signals.route(_requeue_refused(cfg, self.step.split("-")[0]))
         out = run_array_task(cfg, array_step(self.step), self.task_index, self.num_tasks)
         print(f"{self.step}: task {self.task_index + 1}/{self.num_tasks} -> {out}", flush=True)
         return str(out)
@@ -88,41 +98,21 @@ def _log_allocation() -> None:
           f"({env.hostname}); gpus on node: {gpus}; CUDA_VISIBLE_DEVICES={visible or '(unset)'}", flush=True)
 
 
-def _defer_preemption_signal() -> Any:
-    """Route the preemption signal to a stop request while a stage cooperates; return submitit's handler."""
-    from imret import stopping
+def _requeue_refused(cfg: ExperimentConfig, stage: str) -> Callable[[str], str]:
+    """The message for a job that submitit will not requeue again (one paragraph, no traceback)."""
+    from slurm.executors import stage_resources
 
-    signum = submitit.JobEnvironment._usr_sig()
-    submitit_handler = signal.getsignal(signum)
+    limit = stage_resources(cfg, stage).max_requeues
+    kept = (f"training is saved in {cfg.run_dir}/train/ckpt" if stage == "train"
+            else "the parts it finished are kept")
 
-    def on_signal(sig: int, frame: FrameType | None) -> None:
-        if stopping.is_cooperating():
-            print(f"imret: received {signal.Signals(sig).name}; stopping at the next safe point", flush=True)
-            stopping.request()
-        elif callable(submitit_handler):
-            submitit_handler(sig, frame)
+    def explain(reason: str) -> str:
+        job = submitit.JobEnvironment().job_id
+        if "timed-out too many times" in reason:
+            return (f"job {job} ({cfg.name}:{stage}) timed out and was not requeued: it has used the "
+                    f"{limit} requeue(s) after time-outs that resources.max_requeues allows. Nothing is lost: {kept}. "
+                    f"Submit the experiment again to continue from there, and raise resources.time_min (or "
+                    f"resources.max_requeues) so that it fits.")
+        return f"job {job} ({cfg.name}:{stage}) was not requeued ({reason}); {kept}. Submit the experiment again."
 
-    signal.signal(signum, on_signal)
-    return submitit_handler
-
-
-def _requeue(submitit_handler: Any) -> None:
-    """After a cooperative stop: rank 0 lets submitit checkpoint and requeue; the others wait for it.
-
-    The other ranks must not exit first: with ``srun --kill-on-bad-exit`` their exit
-    could end rank 0 before it has requeued the job. So they block in a collective
-    that rank 0 never joins; it fails as soon as rank 0 exits after requeuing (or the
-    scheduler ends them with the job), and only then do they leave.
-    """
-    import torch.distributed as dist
-
-    rank = submitit.JobEnvironment().global_rank
-    if rank == 0 and callable(submitit_handler):
-        submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # calls checkpoint(), requeues, exits
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        except Exception:  # rank 0 is gone: the requeue is under way
-            pass
-    time.sleep(0.5)
-    sys.exit(-1)
+    return explain

@@ -406,9 +406,12 @@ ReturnToService=2
 # submitit requeues jobs on preemption/timeout with 'scontrol requeue'.
 JobRequeue=1
 FirstJobId=$first_job_id
-# Fast turnaround for tests: short grace period between SIGTERM and SIGKILL,
-# and finished jobs stay visible to squeue/scontrol for 5 minutes.
-KillWait=5
+# The grace period between SIGTERM and SIGKILL: imret's ranks save at the end of
+# their current step when SIGTERM comes (scancel, scontrol requeue), and on a
+# busy 2-core test machine one step of the tests' tiny models took up to 5 s
+# (SLURM's default is 30 s). Processes that end on SIGTERM do not wait for it.
+# Finished jobs stay visible to squeue/scontrol for 5 minutes.
+KillWait=15
 MinJobAge=300
 InactiveLimit=0
 # Debian's default MailProg (/usr/bin/mail) is usually absent: avoid the log error.

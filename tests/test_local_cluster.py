@@ -68,6 +68,13 @@ def queue() -> dict[str, tuple[str, str]]:
     return {job: (state, where) for job, state, where in rows}
 
 
+def saved_since(jobs: float, nodes: float) -> bool:
+    """Whether slurmctld has written its job state file since `jobs`, and its node state file since `nodes`."""
+    times = {"job_state": jobs, "node_state": nodes}
+    files = {CLUSTER_DIR / "state" / name: when for name, when in times.items()}
+    return all(f.is_file() and f.stat().st_mtime > when for f, when in files.items())
+
+
 def node_state(node: str) -> str:
     return slurm("sinfo", "-h", "-n", node, "-o", "%t").strip()
 
@@ -158,8 +165,17 @@ def test_up_restarts_a_killed_controller_and_node_down_and_keeps_the_queue(local
     kill9(daemon_pid("slurmd-n2"))
     # What slurmctld does by itself once the slurmd has been silent for SlurmdTimeout: the
     # node goes DOWN and its running job is requeued (same id, pending again).
+    down = time.time()
     slurm("scontrol", "update", "nodename=n2", "state=down", "reason=imret test: slurmd killed")
     assert wait_until(lambda: queue()[jobs["running"]][0] == "PENDING", 30), queue()
+    # slurmctld writes its state files up to 5 s after a change, so a kill -9 right after the
+    # requeue loses it, and the jobs submitted just before it (CI saw the held job vanish):
+    # SLURM's own limit, which no restart can undo. So the controller dies once the requeue and
+    # the DOWN node are on disk: a job update after the requeue was seen asks for one more save
+    # (the save for the requeue may have been written before that, and then none follows).
+    requeued = time.time()
+    slurm("scontrol", "update", f"jobid={jobs['held']}", "comment=imret test: saved state")
+    assert wait_until(lambda: saved_since(jobs=requeued, nodes=down), 30), "slurmctld saved no state within 30 s"
     kill9(daemon_pid("slurmctld"))
 
     repair = up(options)

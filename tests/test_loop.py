@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imret.data.labels import LABELLED, SELECTED, UNSELECTED, load_sidecar
+from imret.data.labels import FROZEN, LABELLED, SELECTED, UNSELECTED, load_sidecar
 from imret.rundir import RunDir
 from launch.submit import main as submit
 from tests.helpers import check_gathered, gather_table
@@ -31,22 +31,25 @@ def test_inat_iter1_dry_run_prints_the_whole_chain(capsys, tmp_path):
     assert out.count("#SBATCH --gpus-per-node=8") == 8  # train, extract, evaluate, cluster of both iterations
     assert "lr=1e-05 head_lr_mult=1; batch 384 (pk, K=4); epochs 400" in out and "embed_dim=128" in out
     assert "smooth_ap{'temperature': 0.01}" in out
-    assert "train on lin, uin with pseudo-labels from inat_smoothap_iter0; weights from pretrained" in out
+    assert "train on lin, uin, uout with pseudo-labels from inat_smoothap_iter0; weights from pretrained" in out
     assert "--dependency='afterok:<inat_smoothap_iter0:cluster job id>'" in out
 
 
 def fake_inat(root: Path) -> dict[str, list[str]]:
-    """Generated images in iNat's folder structure, and split lists (labelled, unlabelled, test)."""
+    """Generated images in iNat's folder structure, and split lists (labelled, unlabelled in and out, test)."""
     rng = np.random.default_rng(0)
-    lists: dict[str, list[str]] = {"lin": [], "uin": [], "test": []}
-    for c, (sup, cid) in enumerate([("Plantae", 5791), ("Plantae", 12), ("Aves", 3), ("Aves", 200)]):
+    lists: dict[str, list[str]] = {"lin": [], "uin": [], "uout": [], "test": []}
+    for c, (sup, cid) in enumerate([("Plantae", 5791), ("Plantae", 12), ("Aves", 3), ("Aves", 200), ("Fungi", 77)]):
         for i in range(12):
             rel = f"train_val2018/{sup}/{cid}/img{c}_{i}.jpg"
             pixels = rng.integers(0, 40, (24, 24, 3), dtype=np.uint8)
             pixels[:, 6 * c:6 * c + 6] = 220  # a class-specific band
+            if c == 4:  # the class L_in never shows (U_out): a horizontal band
+                pixels[:6] = 220
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(root / rel, quality=95)
-            lists["lin" if i < 4 else "uin" if i < 9 else "test"].append(rel)
+            split = ("lin" if i < 4 else "uin" if i < 9 else "test") if c < 4 else "uout" if i < 9 else "test"
+            lists[split].append(rel)
     for split, rels in lists.items():
         (root / f"{split}.txt").write_text("\n".join(rels) + "\n")
     return lists
@@ -58,7 +61,8 @@ def test_tiny_fake_inat_runs_iter1_end_to_end(tmp_path):
     src = tmp_path / "inat"
     fake_inat(src)
     assert write_shards(["inat2018", "--src", str(src), "--out", str(tmp_path / "shards"), "--no-progress",
-                         "--list", "lin=lin.txt", "--list", "uin=uin.txt", "--list", "test=test.txt"]) == 0
+                         "--list", "lin=lin.txt", "--list", "uin=uin.txt", "--list", "uout=uout.txt",
+                         "--list", "test=test.txt"]) == 0
     import timm
 
     from imret.models.weights import write_weights
@@ -74,8 +78,8 @@ def test_tiny_fake_inat_runs_iter1_end_to_end(tmp_path):
         results = json.loads(run.results.read_text())
         assert {"recall@1", "recall@4", "recall@16", "recall@32"} <= set(results)
         sidecar = load_sidecar(run.cluster / "labels.npz")
-        assert set(np.unique(sidecar["mask"]).tolist()) <= {LABELLED, SELECTED, UNSELECTED}
-        assert (sidecar["mask"] == LABELLED).sum() == 16 and (sidecar["mask"] != LABELLED).sum() == 20
+        assert set(np.unique(sidecar["mask"]).tolist()) <= {LABELLED, SELECTED, UNSELECTED, FROZEN}  # 3: cumulative
+        assert (sidecar["mask"] == LABELLED).sum() == 16 and (sidecar["mask"] != LABELLED).sum() == 20 + 9
     log = (tmp_path / "runs" / "inat_smoothap_iter1" / "jobs" / "submissions.json").read_text()
     assert "train" in log
     iter1 = RunDir(tmp_path / "runs" / "inat_smoothap_iter1").done_info("train")

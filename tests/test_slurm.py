@@ -108,7 +108,7 @@ def test_a_sweep_runs_as_one_array(slurm_cluster, tiny_data, tmp_path, capsys):
     experiments = sweep_experiments(tmp_path, tiny_data)
     assert submit(["--experiments", str(experiments), "--exp", "tiny_sweep", "--cluster", "slurm",
                    "--set", f"run.root={tmp_path}/runs"]) == 0
-    points = [RunDir(tmp_path / "runs" / "tiny_sweep" / name) for name in ("lr=0.01", "lr=0.001", "slow")]
+    points = [RunDir(tmp_path / "runs" / "tiny_sweep" / name) for name in ("lr-0.01", "lr-0.001", "slow")]
     assert wait_until(lambda: all(p.is_done("evaluate") for p in points), 600)
     for stage in ("train", "extract", "evaluate"):
         ids = [next(e["job_id"] for e in json.loads((p.jobs / "submissions.json").read_text()) if e["stage"] == stage)
@@ -120,7 +120,7 @@ def test_a_sweep_runs_as_one_array(slurm_cluster, tiny_data, tmp_path, capsys):
     for point in points:
         assert set(json.loads(point.results.read_text())) >= {"map", "recall@1"}
     table = gather_table(tmp_path / "runs", "tiny_sweep/*", capsys)
-    assert sorted(table) == ["tiny_sweep/lr=0.001", "tiny_sweep/lr=0.01", "tiny_sweep/slow"]
+    assert sorted(table) == ["tiny_sweep/lr-0.001", "tiny_sweep/lr-0.01", "tiny_sweep/slow"]
     check_gathered(tmp_path / "runs", table, ("map", "recall@1"))
 
 

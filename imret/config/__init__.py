@@ -15,15 +15,15 @@ from imret.config.load import (
 from imret.config.names import check_name, check_run_name
 from imret.config.schema import (
     STAGE_ORDER, ClusterConfig, DataConfig, EnsembleConfig, EvaluateConfig, ExperimentConfig, ExtractConfig,
-    LossConfig, LossTerm, ModelConfig, OptimConfig, ResourcesConfig, RunConfig, ScheduleConfig, StageResources,
-    SweepConfig, TrainConfig,
+    HilanderConfig, LossConfig, LossTerm, ModelConfig, OptimConfig, ResourcesConfig, RunConfig, ScheduleConfig,
+    StageResources, SweepConfig, TrainConfig,
 )
 from imret.config.validate import validate
 
 __all__ = [
     "STAGE_ORDER", "ClusterConfig", "ConfigError", "DataConfig", "EnsembleConfig", "EvaluateConfig",
-    "ExperimentConfig", "Experiments", "ExtractConfig", "LossConfig", "LossTerm", "ModelConfig", "OptimConfig",
-    "ResourcesConfig", "RunConfig", "ScheduleConfig", "StageResources", "SweepConfig", "TrainConfig",
+    "ExperimentConfig", "Experiments", "ExtractConfig", "HilanderConfig", "LossConfig", "LossTerm", "ModelConfig",
+    "OptimConfig", "ResourcesConfig", "RunConfig", "ScheduleConfig", "StageResources", "SweepConfig", "TrainConfig",
     "apply_override", "check_name", "check_run_name", "deep_merge", "from_dict", "load_yaml", "read_yaml",
     "read_yaml_file", "save_yaml", "validate",
 ]

@@ -318,6 +318,44 @@ class EvaluateConfig:
 
 
 @dataclass
+class HilanderConfig:
+    """Hi-LANDER's training (``cluster.method: hilander``); the defaults are PSS's iteration-0 recipe.
+
+    Inference reads ``cluster.k`` (PSS/train.sh:39 ``--knn_k 10``), ``cluster.tau``
+    (train.sh:40 ``--tau 0.9``), ``cluster.levels`` (train.sh:40 ``--level 10``) and
+    ``cluster.thresh`` (train.sh:42 ``--thresh 0.8``)."""
+
+    train_k: list[int] = field(default_factory=lambda: [10, 5, 3])
+    """k of each set of training graphs (PSS/train.sh:32 ``--knn_k 10,5,3``)."""
+    train_levels: list[int] = field(default_factory=lambda: [2, 3, 4])
+    """Levels of each set, one per ``train_k`` (PSS/train.sh:32 ``--levels 2,3,4``)."""
+    hidden: int = 512
+    """Width of the graph convs (PSS/train.sh:33 ``--hidden 512``)."""
+    num_conv: int = 1
+    """Graph convs, 1 to 4 (PSS/train.sh:34 ``--num_conv 1``)."""
+    epochs: int = 1000
+    """Training epochs, each as many rounds as the largest graph has batches (PSS/train.sh:33)."""
+    lr: float = 0.01
+    """Initial learning rate of SGD (PSS/train.sh:33 ``--lr 0.01``)."""
+    momentum: float = 0.9
+    """SGD momentum (PSS/train_subg_inat.py:44, the default; train.sh does not pass it)."""
+    weight_decay: float = 1e-5
+    """SGD weight decay (PSS/train_subg_inat.py:45, the default)."""
+    batch_size: int = 4096
+    """Seed nodes per step; their in-edges come along (PSS/train.sh:34 ``--batch_size 4096``)."""
+    balance: bool = True
+    """Equal numbers of same- and other-class edges in the edge loss (PSS/train.sh:34 ``--balance``)."""
+    eta_min: float = 1e-5
+    """Floor of the cosine schedule, stepped every batch (PSS/train_subg_inat.py:168-170)."""
+    early_stop: bool = True
+    """Stop levelling when a level adds over 1/(k-1) of the previous level's edges (PSS/train.sh:41)."""
+    seed: int = 0
+    """Seeds initialisation, shuffling and balancing (the seed seeds nothing: train_subg_inat.py:66)."""
+    device: str = "auto"
+    """Where the model runs: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+
+@dataclass
 class ClusterConfig:
     """Pseudo-labelling of unlabelled splits (the cluster-finetune loop)."""
 
@@ -327,6 +365,9 @@ class ClusterConfig:
     """Unlabelled splits to pseudo-label (their features)."""
     labelled: list[str] = field(default_factory=list)
     """Labelled splits kept with their true labels (mask 0)."""
+    cumulative: bool = True
+    """Keep earlier iterations' selections (read from ``data.pseudo_labels``) with their pseudo-labels frozen
+    (mask 3), and cluster only the rest, as PSS does; false: re-cluster all of the splits every iteration."""
     k: int = 10
     """Neighbours in the k-NN graph."""
     tau: float = 0.9
@@ -343,6 +384,8 @@ class ClusterConfig:
     """Points whose approximate k-NN is checked against exact k-NN."""
     levels: int = 10
     """Levels in all: re-cluster the clusters (average linkage > tau) until none merge; 1: off."""
+    hilander: HilanderConfig = field(default_factory=HilanderConfig)
+    """Hi-LANDER's training settings (used when ``method`` is ``hilander``)."""
 
 
 @dataclass
@@ -464,5 +507,7 @@ class ExperimentConfig:
         for section, key in (("data", "num_workers"), ("extract", "num_workers"), ("train", "log_every"),
                              ("model", "weights_dir"), ("evaluate", "block_mb")):
             d[section].pop(key)
+        if d["cluster"]["method"] != "hilander":
+            d["cluster"].pop("hilander")  # another method's results do not depend on it
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

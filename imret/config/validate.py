@@ -48,6 +48,9 @@ _AT_LEAST: dict[str, float] = {
     "sweep.array_parallelism": 1,
     "data.eval_resize": 0, "model.bn_momentum": 0,
     "train.validation.every": 0, "train.validation.first": 0, "train.validation.patience": 0,
+    "cluster.hilander.hidden": 2, "cluster.hilander.num_conv": 1, "cluster.hilander.epochs": 1,
+    "cluster.hilander.lr": 0, "cluster.hilander.momentum": 0, "cluster.hilander.weight_decay": 0,
+    "cluster.hilander.batch_size": 1, "cluster.hilander.eta_min": 0,
 }
 _STAGE_AT_LEAST = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 1, "mem_gb": 0, "time_min": 1}
 

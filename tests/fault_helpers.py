@@ -1,0 +1,90 @@
+"""Helpers for the fault tests: a tiny experiments file, submit.py as a real subprocess, process checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW_LOSS = "tests.test_preemption:SlowContrastive"  # a quarter of a second per step
+
+
+def tiny_experiments(tmp_path: Path, data: Path, name: str = "tiny", **sections: dict[str, Any]) -> Path:
+    """An experiments.yaml with one tiny experiment (train only unless ``stages`` says otherwise)."""
+    entry: dict[str, Any] = {
+        "description": "a tiny experiment for the fault tests",
+        "stages": ["train"],
+        "data": {"root": str(data), "image_size": 32, "batch_size": 8, "samples_per_class": 2, "num_workers": 0},
+        "model": {"backbone": "test_vit", "embed_dim": 16},
+        "loss": {"terms": [{"name": SLOW_LOSS}]},
+        "train": {"epochs": 4, "seed": 3, "log_every": 1, "checkpoint_every": 1000},
+        "evaluate": {"query": "query", "database": "database", "metrics": ["map"]},
+        "resources": {"tasks_per_node": 2, "local_ranks": 2, "time_min": 10},
+        "run": {"root": str(tmp_path / "runs")},
+    }
+    for section, values in sections.items():
+        entry[section] = {**entry.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "experiments.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({name: entry}))
+    return path
+
+
+def start_submit(experiments: Path, *argv: str, log_dir: Path) -> subprocess.Popen[str]:
+    """``launch/submit.py`` in its own session (so a test can Ctrl-C it, and clean up all it started)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--experiments", str(experiments), *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(log_dir / "out", "w"),
+                            stderr=open(log_dir / "err", "w"), text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float, poll: float = 0.2) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
+
+
+def text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def submissions(run: Path) -> list[dict[str, Any]]:
+    path = run / "jobs" / "submissions.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_session(proc: subprocess.Popen[str]) -> None:
+    """Whatever the test left running in the submit's session (the submit, its controller, the ranks)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
