@@ -118,7 +118,8 @@ def _require_depth(ranks: Ranks, needed: int, metric: str) -> None:
 
 def _per_query_sum(ranks: Ranks, values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     query, _ = ranks.positions()
-    return np.bincount(query[keep], weights=values[keep], minlength=ranks.num_queries)
+    # float64 even when nothing is kept: numpy's bincount of no items is int64, weights or not
+    return np.bincount(query[keep], weights=values[keep], minlength=ranks.num_queries).astype(np.float64, copy=False)
 
 
 def average_precision(ranks: Ranks) -> np.ndarray:
@@ -230,6 +231,18 @@ def depth_needed(names: Sequence[str], max_positives: int, database_size: int) -
         elif name in ("map@R", "r_precision"):
             depth = max(depth, max_positives)
     return min(depth, database_size)
+
+
+def per_query(ranks: Ranks, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each rank metric of ``names`` for every query of ``ranks``, queries without positives
+    included (``compute`` leaves those out of the mean). A query's value depends on its own
+    ranks only, so blocks of queries give the same values as all queries at once."""
+    out = {}
+    for name in names:
+        found = _match(name)
+        if found is not None:  # pair metrics are computed elsewhere
+            out[name] = found[0](ranks, found[1])
+    return out
 
 
 def compute(ranks: Ranks, names: Sequence[str]) -> dict[str, float]:

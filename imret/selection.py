@@ -121,8 +121,9 @@ def _embed_splits(cfg: ExperimentConfig, vrun: RunDir, info: DistInfo, model: Em
 
 
 def _score(cfg: ExperimentConfig, vrun: RunDir) -> float:
-    """The metric on rank 0, with the evaluate section's sampling settings (pairs, seed, triplet batches)."""
-    from imret.evaluate.core import evaluate
+    """The metric on rank 0, with the evaluate section's sampling settings (pairs, seed, triplet batches) and
+    memory budget (block_mb)."""
+    from imret.evaluate.core import ExactSearch, evaluate
     from imret.features import load_features
 
     val, ev = cfg.train.validation, cfg.evaluate
@@ -130,7 +131,7 @@ def _score(cfg: ExperimentConfig, vrun: RunDir) -> float:
     database = load_features(vrun, val.database) if val.database and val.database != val.query else None
     result = evaluate(queries.embeddings, queries.labels, database.embeddings if database else None,
                       database.labels if database else None, [val.metric], roc_pairs=ev.roc_pairs, seed=ev.seed,
-                      neighbours=0, triplet_batch=ev.triplet_batch)
+                      neighbours=0, triplet_batch=ev.triplet_batch, search=ExactSearch(block_mb=ev.block_mb))
     return float(result.metrics.get(val.metric, float("nan")))
 
 

@@ -308,6 +308,11 @@ class EvaluateConfig:
     """Split the database search over this many array tasks."""
     roc_pairs: int = 1_000_000
     """Most (query, item) pairs for roc_auc; above it, a seeded sample."""
+    block_mb: float = 512.0
+    """Memory budget (MiB) of the exact full-ranking scan, all threads together: its score blocks,
+    counting tables and temporaries (not the features themselves). More is faster up to blocks of
+    256 query rows per thread; the least is 32 rows per thread (about 130 bytes per database item),
+    which a smaller budget exceeds. It changes no result, so it is not part of the config digest."""
     triplet_batch: int = 64
     """Triples per batch of the in-batch metrics (``inbatch_topK``; the sketch seed's 64)."""
 
@@ -500,7 +505,7 @@ class ExperimentConfig:
         for key in ("name", "description", "run", "resources", "sweep"):
             d.pop(key)
         for section, key in (("data", "num_workers"), ("extract", "num_workers"), ("train", "log_every"),
-                             ("model", "weights_dir")):
+                             ("model", "weights_dir"), ("evaluate", "block_mb")):
             d[section].pop(key)
         if d["cluster"]["method"] != "hilander":
             d["cluster"].pop("hilander")  # another method's results do not depend on it

@@ -18,7 +18,8 @@ from typing import Any
 
 from imret.config.errors import ConfigError
 from imret.config.names import check_name, check_run_name
-from imret.config.schema import STAGE_ORDER, DataConfig, ExperimentConfig, ModelConfig, ResourcesConfig, ScheduleConfig
+from imret.config.schema import (STAGE_ORDER, DataConfig, EvaluateConfig, ExperimentConfig, ModelConfig, ResourcesConfig,
+                                 ScheduleConfig)
 
 
 def closest(key: str, valid: Iterable[str]) -> str:
@@ -63,6 +64,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if "train" in cfg.stages and not cfg.loss.terms:
         raise ConfigError("loss.terms: the train stage needs at least one loss term")
     _validate_model(cfg.model)
+    _validate_evaluate(cfg.evaluate)
     _validate_resources(cfg.resources)
     _validate_schedule(cfg.schedule)
     _validate_weights(cfg)
@@ -156,6 +158,13 @@ def _validate_model(model: ModelConfig) -> None:
             f"model.pretrained_path: {model.pretrained_path} does not exist. imret never downloads weights: "
             "save them locally (e.g. a timm .safetensors file) and give its path, or leave it empty for random init."
         )
+
+
+def _validate_evaluate(ev: EvaluateConfig) -> None:
+    # db_shards and the other counts are in _AT_LEAST; the budget is a real number that must exceed 0 strictly
+    if not (ev.block_mb > 0 and math.isfinite(ev.block_mb)):
+        raise ConfigError(f"evaluate.block_mb: the scan's memory budget must be a positive number of MiB, "
+                          f"got {ev.block_mb}; the default is 512")
 
 
 def _validate_resources(res: ResourcesConfig) -> None:

@@ -2,16 +2,21 @@
 
 ``evaluate`` is a pure function of embeddings and labels; the search is injected, as
 pytorch-metric-learning's ``AccuracyCalculator(knn_func=...)`` takes its k-NN: the
-default ``ExactSearch`` is FAISS's exact top-k plus imret's blocked full ranking, and a
-test may pass a brute-force search and must get the same numbers. The metrics are pure
-functions of the resulting ranks (``imret.metrics``); pair metrics (roc_auc, mean
-similarities) come from sampled (query, item) pairs (``imret.evaluate.pairs``), and the sketch
+default ``ExactSearch`` is FAISS's exact top-k when the metrics need only a prefix of
+each ranking, and imret's one-pass scan (``imret.search.scan``) when they need the full
+ranking: the same blocked scores give every positive's rank and the top-k lists. A test
+may pass a brute-force search and must get the same numbers. The metrics are pure
+functions of the resulting ranks (``imret.metrics``), reduced block by block to one value
+per query on the full-ranking path, so that no step holds every positive's rank; pair
+metrics (roc_auc, mean similarities) come from sampled (query, item) pairs
+(``imret.evaluate.pairs``), and the sketch
 seed's triplet metrics from sampled (query, positive, negative) triples
 (``imret.evaluate.triplets``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,8 +26,10 @@ from imret import metrics as metric_lib
 from imret.evaluate.pairs import Pairs, pair_similarities, sample_pairs
 from imret.evaluate.triplets import sample_triples, triple_meta, triple_similarities
 from imret.metrics import PAIR_METRICS, Ranks, RocCurve
+from imret.search.blocks import DEFAULT_BLOCK_MB
 from imret.search.knn import Neighbours, search_shard
-from imret.search.ranks import full_ranks, positives_per_query, ranks_from_knn
+from imret.search.ranks import positives_per_query, ranks_from_knn
+from imret.search.scan import scan
 
 SAVED_NEIGHBOURS = 100  # neighbours kept per query in eval/neighbours.npz
 FULL_METHOD = "exact full ranking (blocked inner products, per-row cell counts; docs/evaluation.md)"
@@ -36,24 +43,31 @@ class Search(Protocol):
         """Each query's top k (scores descending, equal scores by ascending id)."""
         ...
 
-    def full_ranks(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
-                   database_labels: np.ndarray, self_ids: np.ndarray | None) -> Ranks:
-        """The rank of every positive of every query in the full ranking."""
+    def scan(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
+             database_labels: np.ndarray, k: int, self_ids: np.ndarray | None,
+             consume: Callable[[np.ndarray, Ranks], None]) -> Neighbours | None:
+        """One pass over the database: the rank of every positive of every query in the full
+        ranking, handed to ``consume(query_indices, ranks)`` block by block (possibly from
+        several threads, for disjoint queries), and each query's top k as ``topk`` gives
+        them (None when k is 0)."""
         ...
 
 
 @dataclass
 class ExactSearch:
-    """FAISS exact inner-product top-k and the exact blocked full ranking (imret.search)."""
+    """FAISS exact inner-product top-k, and imret's exact one-pass scan (imret.search)."""
 
-    device: str | None = None  # the full ranking's torch device; None: a GPU when there is one
+    device: str | None = None  # the scan's torch device; None: a GPU when there is one
+    block_mb: float = DEFAULT_BLOCK_MB  # the scan's working set, all threads together (evaluate.block_mb)
 
     def topk(self, queries: np.ndarray, database: np.ndarray, k: int, self_ids: np.ndarray | None) -> Neighbours:
         return search_shard(queries, database, 0, k, self_ids)
 
-    def full_ranks(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
-                   database_labels: np.ndarray, self_ids: np.ndarray | None) -> Ranks:
-        return full_ranks(queries, query_labels, database, database_labels, device=self.device, self_ids=self_ids)
+    def scan(self, queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray,
+             database_labels: np.ndarray, k: int, self_ids: np.ndarray | None,
+             consume: Callable[[np.ndarray, Ranks], None]) -> Neighbours | None:
+        return scan(queries, query_labels, database, database_labels, k, self_ids, consume, self.block_mb,
+                    self.device)
 
 
 @dataclass
@@ -86,9 +100,13 @@ def evaluate(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray
     search = search or ExactSearch()
     check_inputs(queries, query_labels, database, database_labels)
     plan = SearchPlan.make(names, query_labels, database_labels, self_ids, neighbours)
-    neigh = search.topk(queries, database, plan.k, self_ids) if plan.k else None
-    ranks, method = _ranks(plan, neigh, search, queries, query_labels, database, database_labels, self_ids)
-    values = metric_lib.compute(ranks, plan.rank_names) if ranks is not None else {}
+    if plan.full:
+        per_query = PerQuery(plan.rank_names, len(query_labels))
+        neigh = search.scan(queries, query_labels, database, database_labels, plan.k, self_ids, per_query.add)
+        values, method = per_query.means(plan.num_positives > 0), FULL_METHOD
+    else:
+        neigh = search.topk(queries, database, plan.k, self_ids) if plan.k else None
+        values, method = _topk_values(plan, neigh, query_labels, database_labels)
     pairs = sample_pairs(query_labels, database_labels, self_ids, roc_pairs, seed) if plan.pair_names else None
     if pairs is not None:
         pairs.similarity = pair_similarities(queries, database, pairs.query, pairs.item)
@@ -161,15 +179,30 @@ class SearchPlan:
                    exclude)
 
 
-def _ranks(plan: SearchPlan, neigh: Neighbours | None, search: Search, queries: np.ndarray,
-           query_labels: np.ndarray, database: np.ndarray, database_labels: np.ndarray,
-           self_ids: np.ndarray | None) -> tuple[Ranks | None, str]:
+class PerQuery:
+    """Every rank metric's value per query, filled block by block from the blocks' ``Ranks``."""
+
+    def __init__(self, names: list[str], num_queries: int) -> None:
+        self.names = names
+        self.values = {name: np.full(num_queries, np.nan) for name in names if name not in PAIR_METRICS}
+
+    def add(self, queries: np.ndarray, ranks: Ranks) -> None:
+        # blocks hold disjoint queries, so threads write disjoint entries
+        for name, value in metric_lib.per_query(ranks, self.names).items():
+            self.values[name][queries] = value
+
+    def means(self, valid: np.ndarray) -> dict[str, float]:
+        """``metric_lib.compute``'s numbers: means over the queries that have a positive."""
+        return {name: float(v[valid].mean()) if valid.any() else float("nan") for name, v in self.values.items()}
+
+
+def _topk_values(plan: SearchPlan, neigh: Neighbours | None, query_labels: np.ndarray,
+                 database_labels: np.ndarray) -> tuple[dict[str, float], str]:
     if not plan.rank_names:
-        return None, "none (pair metrics only)"
-    if plan.full:
-        return search.full_ranks(queries, query_labels, database, database_labels, self_ids), FULL_METHOD
+        return {}, "none (pair metrics only)"
     assert neigh is not None
-    return knn_ranks(plan, neigh, query_labels, database_labels)
+    ranks, method = knn_ranks(plan, neigh, query_labels, database_labels)
+    return metric_lib.compute(ranks, plan.rank_names), method
 
 
 def knn_ranks(plan: SearchPlan, neigh: Neighbours, query_labels: np.ndarray,

@@ -30,6 +30,7 @@ from imret.features import load_feature_rows
 from imret.metrics import Ranks
 from imret.rundir import RunDir, atomic_write_npz
 from imret.search.knn import Neighbours, merge_topk, search_shard
+from imret.search.scan import scan
 from imret.search.sharded import Csr, negative_counts, positive_scores, ranks_from_counts
 
 
@@ -99,7 +100,7 @@ def search_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: 
     if len(part.labels):
         check_inputs(setup.queries, setup.query_labels, part.embeddings, part.labels)
     out: dict[str, Any] = {"config_digest": cfg.digest(), "range": np.array([lo, hi])}
-    neigh = search_shard(setup.queries, part.embeddings, lo, setup.plan.k, setup.inp.self_ids)
+    neigh = _shard_topk(setup, part.embeddings, part.labels, lo, cfg.evaluate.block_mb)
     out.update(scores=neigh.scores, ids=neigh.ids)
     if setup.plan.full:
         pos = positive_scores(setup.queries, setup.query_labels, part.embeddings, part.labels, lo, setup.inp.self_ids)
@@ -110,6 +111,20 @@ def search_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: 
             setup.queries, part.embeddings, setup.pairs.query[mine], setup.pairs.item[mine], lo))
     atomic_write_npz(path, **out)
     return path
+
+
+def _shard_topk(setup: _ShardSetup, embeddings: np.ndarray, labels: np.ndarray, lo: int,
+                block_mb: float) -> Neighbours:
+    """The shard's top k, found as the unsharded evaluation finds them: by FAISS when the
+    metrics need a prefix of the ranking, by the scan (the same products, so the same
+    scores) when they need the full ranking."""
+    plan, self_ids = setup.plan, setup.inp.self_ids
+    if not plan.full or not plan.k or not len(labels):
+        return search_shard(setup.queries, embeddings, lo, plan.k, self_ids)
+    neigh = scan(setup.queries, setup.query_labels, embeddings, labels, plan.k, self_ids, block_mb=block_mb,
+                 id_offset=lo)
+    assert neigh is not None
+    return neigh
 
 
 def count_task(cfg: ExperimentConfig, run: RunDir, task_index: int, num_tasks: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 from imret.config import ExperimentConfig
 from imret.distributed import DistInfo
-from imret.evaluate.core import evaluate
+from imret.evaluate.core import ExactSearch, evaluate
 from imret.evaluate.inputs import load_inputs
 from imret.evaluate.results import finish
 from imret.evaluate.sharded import merge_shards
@@ -35,5 +35,5 @@ def evaluate_stage(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> dict[s
     data = load_inputs(cfg, run)
     result = evaluate(data.queries, data.query_labels, data.database, data.database_labels, list(ev.metrics),
                       self_ids=data.split.self_ids, roc_pairs=ev.roc_pairs, seed=ev.seed,
-                      triplet_batch=ev.triplet_batch)
+                      triplet_batch=ev.triplet_batch, search=ExactSearch(block_mb=ev.block_mb))
     return finish(cfg, run, info, result, data.split)

@@ -7,20 +7,22 @@ is the number of items scoring >= its score, its hits the number of positives sc
 - ``ranks_from_knn`` turns top-k lists into the ranks of each query's positives down
   to depth k.
 - ``full_ranks``: the rank of *every* positive in the full ranking, which full mAP
-  needs, without sorting any row (``imret.search.counting``, docs/evaluation.md).
+  needs, without sorting any row (``imret.search.scan``, docs/evaluation.md), kept
+  whole in memory; an evaluation reduces them block by block instead (``scan``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from imret.metrics import Ranks
-from imret.search.blocks import Workspace, as_float32, block_rows, default_device, map_blocks
-from imret.search.counting import count_at_least
+from imret.search.blocks import DEFAULT_BLOCK_MB
 from imret.search.knn import Neighbours
+from imret.search.labels import LabelIndex, positives_per_query
+from imret.search.scan import scan
+
+__all__ = ["LabelIndex", "full_ranks", "positives_per_query", "ranks_from_knn"]
 
 
 def ranks_from_knn(neigh: Neighbours, query_labels: np.ndarray, database_labels: np.ndarray,
@@ -56,101 +58,31 @@ def _tie_group_ends(scores: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(cols[:, ::-1], axis=1)[:, ::-1]
 
 
-def positives_per_query(query_labels: np.ndarray, database_labels: np.ndarray, exclude_self: bool) -> np.ndarray:
-    classes, counts = np.unique(database_labels, return_counts=True)
-    pos = np.searchsorted(classes, query_labels)
-    pos = np.clip(pos, 0, max(len(classes) - 1, 0))
-    found = (classes[pos] == query_labels) if len(classes) else np.zeros(len(query_labels), bool)
-    return np.where(found, counts[pos], 0).astype(np.int64) - int(exclude_self)
-
-
-@dataclass
-class LabelIndex:
-    """A database ordered by label, so that each class's items are one slice."""
-
-    order: np.ndarray  # label order -> database row
-    inverse: np.ndarray  # database row -> position in label order
-    classes: np.ndarray
-    starts: np.ndarray
-    counts: np.ndarray
-
-    @classmethod
-    def build(cls, labels: np.ndarray) -> LabelIndex:
-        order = np.argsort(labels, kind="stable")
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-        return cls(order, inverse, classes, starts, counts)
-
-    def slices(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Start (in label order) and size of each label's slice; size 0 for labels not present."""
-        if not len(self.classes):
-            return np.zeros(len(labels), np.int64), np.zeros(len(labels), np.int64)
-        ci = np.searchsorted(self.classes, labels).clip(0, len(self.classes) - 1)
-        found = self.classes[ci] == labels
-        return np.where(found, self.starts[ci], 0).astype(np.int64), np.where(found, self.counts[ci], 0).astype(np.int64)
-
-
 def full_ranks(queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray | None,
                database_labels: np.ndarray | None, block: int | None = None,
-               device: str | torch.device | None = None, self_ids: np.ndarray | None = None) -> Ranks:
-    """Exact ranks of every positive in the full ranking.
+               device: str | torch.device | None = None, self_ids: np.ndarray | None = None,
+               block_mb: float = DEFAULT_BLOCK_MB) -> Ranks:
+    """Exact ranks of every positive in the full ranking, all in memory.
 
     ``database=None``: the queries against themselves. ``self_ids``: the queries are
     items of ``database`` (query i is item self_ids[i]), left out of their own ranking.
+    ``block``: query rows per block (default: as many as ``block_mb`` MiB allow).
     """
     if database is None:
         database, database_labels, self_ids = queries, query_labels, np.arange(len(queries))
     assert database_labels is not None
-    dev = default_device(device)
-    index = LabelIndex.build(database_labels)
-    db = torch.from_numpy(as_float32(database[index.order])).to(dev)
-    start, count = index.slices(query_labels)
-    own_pos = None if self_ids is None else index.inverse[np.asarray(self_ids, np.int64)]
-
-    def one_block(lo: int, hi: int, work: Workspace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = torch.from_numpy(as_float32(queries[lo:hi])).to(dev)
-        scores = torch.mm(q, db.T, out=work.get("scores", (hi - lo) * len(db), torch.float32, dev).view(hi - lo, -1))
-        return _block_ranks(scores, start[lo:hi], count[lo:hi], None if own_pos is None else own_pos[lo:hi], work)
-
-    parts = map_blocks(one_block, len(queries), block or block_rows(len(database), dev), dev)
-    exclude = self_ids is not None
-    num_pos = positives_per_query(query_labels, database_labels, exclude)
-    return _concat_ranks(parts, num_pos, len(database) - int(exclude))
+    parts: list[tuple[int, Ranks]] = []
+    scan(queries, query_labels, database, database_labels, 0, self_ids,
+         lambda idx, ranks: parts.append((int(idx[0]) if len(idx) else 0, ranks)), block_mb, device, block)
+    num_pos = positives_per_query(query_labels, database_labels, self_ids is not None)
+    return concat_ranks([r for _, r in sorted(parts, key=lambda p: p[0])], num_pos,
+                        len(database) - int(self_ids is not None))
 
 
-def _block_ranks(scores: torch.Tensor, start: np.ndarray, count: np.ndarray, own: np.ndarray | None,
-                 work: Workspace | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ranks and hits of the positives of a block of rows; the database is in label order."""
-    dev = scores.device
-    b = scores.shape[0]
-    width = max(int(count.max(initial=0)), 1)
-    col = torch.from_numpy(start[:, None] + np.arange(width)[None, :]).to(dev)
-    is_pos = torch.from_numpy(np.arange(width)[None, :] < count[:, None]).to(dev)
-    if own is not None:  # the query itself is neither a positive nor ranked
-        own_t = torch.from_numpy(own).to(dev)
-        scores[torch.arange(b, device=dev), own_t] = -torch.inf
-        is_pos &= col != own_t[:, None]
-    pos = torch.gather(scores, 1, col.clamp(max=scores.shape[1] - 1))
-    pos = torch.where(is_pos, pos, torch.inf).sort(dim=1).values  # ascending, padding (+inf) last
-    n_pos = is_pos.sum(dim=1)
-    at_least = count_at_least(scores, pos, n_pos, workspace=work)  # items (positives included) >= each positive
-    return _ranks_hits(at_least, pos, n_pos)
-
-
-def _ranks_hits(at_least: torch.Tensor, pos: torch.Tensor,
-                n_pos: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: its number of positives, and their ranks and hits in ascending rank order."""
-    hits = n_pos[:, None] - torch.searchsorted(pos, pos, right=False)  # positives scoring >= each
-    real = torch.arange(pos.shape[1], device=pos.device)[None, :] < n_pos[:, None]
-    rank = at_least.where(real, 0).flip(1)  # ascending scores -> ascending ranks, padding first
-    hits = hits.where(real, 0).flip(1)
-    valid = rank > 0
-    return valid.sum(1).cpu().numpy(), rank[valid].cpu().numpy(), hits[valid].cpu().numpy()
-
-
-def _concat_ranks(parts: list[tuple[np.ndarray, ...]], num_pos: np.ndarray, database_size: int) -> Ranks:
-    counts, ranks, hits = (np.concatenate([p[i] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
-                           for i in range(3))
+def concat_ranks(parts: list[Ranks], num_positives: np.ndarray, database_size: int) -> Ranks:
+    """One ``Ranks`` from the ``Ranks`` of consecutive blocks of queries."""
+    counts = np.concatenate([np.diff(p.offsets) for p in parts]) if parts else np.zeros(0, np.int64)
+    ranks, hits = (np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0, np.int64)
+                   for f in ("ranks", "hits"))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Ranks(offsets, ranks, num_pos, database_size, database_size, hits)
+    return Ranks(offsets, ranks.astype(np.int64), num_positives, database_size, database_size, hits.astype(np.int64))

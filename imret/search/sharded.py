@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from imret.metrics import Ranks
-from imret.search.blocks import Workspace, as_float32, block_rows, default_device, map_blocks
+from imret.search.blocks import Workspace, as_float32, block_rows, default_device, map_blocks, score_block
 from imret.search.counting import count_at_least
-from imret.search.ranks import LabelIndex
+from imret.search.labels import LabelIndex
 
 
 @dataclass
@@ -101,9 +101,7 @@ def positive_scores(queries: np.ndarray, query_labels: np.ndarray, db_part: np.n
 
 def _shard_scores(queries: np.ndarray, part: torch.Tensor, work: Workspace) -> torch.Tensor:
     """One block of a shard's score matrix; both passes call exactly this."""
-    q = torch.from_numpy(as_float32(queries)).to(part.device)
-    out = work.get("scores", len(queries) * len(part), torch.float32, part.device).view(len(queries), -1)
-    return torch.mm(q, part.T, out=out)
+    return score_block(queries, part, work)
 
 
 def negative_counts(queries: np.ndarray, query_labels: np.ndarray, db_part: np.ndarray, db_part_labels: np.ndarray,
