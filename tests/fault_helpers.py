@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +44,6 @@ def start_submit(experiments: Path, *argv: str, log_dir: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(log_dir / "out", "w"),
                             stderr=open(log_dir / "err", "w"), text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float, poll: float = 0.2) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return predicate()
 
 
 def text(path: Path) -> str:

@@ -6,6 +6,7 @@ import io
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,16 @@ import numpy as np
 import torch.multiprocessing as mp
 
 from shards.writer import Sample, SplitSource, write_split
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float, poll: float = 0.3) -> bool:
+    """Poll ``predicate`` until it holds or ``seconds`` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
 
 
 def free_port() -> int:

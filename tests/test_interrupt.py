@@ -16,8 +16,8 @@ import torch.nn as nn
 from imret import checkpoint
 from imret.rundir import RunDir
 from launch.submit import main as submit
-from tests.fault_helpers import (ROOT, alive, children, kill_session, start_submit, submissions, text,
-                                 tiny_experiments, wait_until)
+from tests.fault_helpers import ROOT, alive, children, kill_session, start_submit, submissions, text, tiny_experiments
+from tests.helpers import wait_until
 
 
 class Boom(nn.Module):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
+
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
@@ -52,14 +54,6 @@ def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: not alive(pid), 10), f"pid {pid} survived kill -9"
 
-
-def wait_until(predicate: Callable[[], bool], seconds: float, poll: float = 0.3) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return predicate()
 
 
 def queue() -> dict[str, tuple[str, str]]:

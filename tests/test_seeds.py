@@ -135,7 +135,7 @@ def test_cbir_twin_sweep_runs_through_the_local_executor(seeds, tmp_path, capsys
 
 @pytest.mark.slurm
 def test_cbir_twin_sweep_runs_as_one_slurm_array(slurm_cluster, seeds, tmp_path, capsys):
-    from tests.test_slurm import wait_until
+    from tests.helpers import wait_until
 
     assert run_twin(seeds, "cbir_tiny", tmp_path, "--cluster", "slurm") == 0
     out = capsys.readouterr().out

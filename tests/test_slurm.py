@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,20 +20,12 @@ from imret.rundir import RunDir
 from launch.submit import main as submit
 from slurm.chain import submit_stage
 from slurm.state import slurm_state
-from tests.helpers import check_gathered, gather_table
+from tests.helpers import check_gathered, gather_table, wait_until
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def wait_until(predicate: Callable[[], bool], seconds: float, poll: float = 1.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return predicate()
 
 
 def state_of(job_id: str) -> str:

@@ -19,7 +19,8 @@ from imret.rundir import RunDir
 from launch.status import main as status
 from slurm.chain import submit_stage
 from slurm.state import slurm_state
-from tests.fault_helpers import SLOW_LOSS, kill_session, start_submit, submissions, text, tiny_experiments, wait_until
+from tests.fault_helpers import SLOW_LOSS, kill_session, start_submit, submissions, text, tiny_experiments
+from tests.helpers import wait_until
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slurm

@@ -11,8 +11,8 @@ import yaml
 from imret import checkpoint
 from imret.rundir import RunDir
 from launch.submit import main as submit
-from tests.fault_helpers import (alive, children, kill_session, start_submit, submissions, text, tiny_experiments,
-                                 wait_until)
+from tests.fault_helpers import alive, children, kill_session, start_submit, submissions, text, tiny_experiments
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
