@@ -43,7 +43,15 @@ def start_submit(experiments: Path, *argv: str, log_dir: Path) -> subprocess.Pop
     cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--experiments", str(experiments), *argv]
     return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(log_dir / "out", "w"),
                             stderr=open(log_dir / "err", "w"), text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=child_env())
+
+
+def child_env() -> dict[str, str]:
+    """A launcher's environment: unbuffered, and the repository on the path, so a loss named
+    ``tests.module:Class`` imports in it as it does in pytest (``python launch/submit.py`` puts
+    only ``launch/`` there, and the editable install exposes the packages, not ``tests``)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 def text(path: Path) -> str:

@@ -16,7 +16,8 @@ import torch.nn as nn
 from imret import checkpoint
 from imret.rundir import RunDir
 from launch.submit import main as submit
-from tests.fault_helpers import ROOT, alive, children, kill_session, start_submit, submissions, text, tiny_experiments
+from tests.fault_helpers import (ROOT, alive, child_env, children, kill_session, start_submit, submissions, text,
+                                 tiny_experiments)
 from tests.helpers import wait_until
 
 
@@ -81,8 +82,10 @@ def test_debug_mode_reports_a_failure_without_a_debugger_unless_asked(tiny_data,
     experiments = tiny_experiments(tmp_path, tiny_data, loss={"terms": [{"name": "tests.test_interrupt:Boom"}]})
     cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--experiments", str(experiments), "--exp", "tiny",
            "--cluster", "debug"]
-    done = subprocess.run(cmd, cwd=ROOT, input="c\n" * 5, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, input="c\n" * 5, capture_output=True, text=True, timeout=300,
+                          env=child_env())
     assert "(Pdb)" not in done.stdout and "Traceback" not in done.stderr, done.stdout + done.stderr
     assert done.returncode == 1 and "the loss fails on purpose" in done.stderr and "--pdb" in done.stderr
-    asked = subprocess.run(cmd + ["--pdb"], cwd=ROOT, input="q\n", capture_output=True, text=True, timeout=300)
+    asked = subprocess.run(cmd + ["--pdb"], cwd=ROOT, input="q\n", capture_output=True, text=True, timeout=300,
+                           env=child_env())
     assert "(Pdb)" in asked.stdout
