@@ -43,6 +43,7 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: t
         distributed.init(info, timeout_s=60)
         result = fn(info, *args)
         Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(("ok", result)))
+        distributed.barrier(info)  # no rank tears its group down while another still talks to it
     except BaseException as err:  # report, then re-raise so spawn fails too
         Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(("error", traceback.format_exc())))
         raise err
@@ -55,10 +56,10 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as out:
         try:
             mp.spawn(_rank_main, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
-        except Exception:
+        except Exception as err:
             errors = [pickle.loads(p.read_bytes())[1] for p in sorted(Path(out).glob("*.pkl"))
                       if pickle.loads(p.read_bytes())[0] == "error"]
-            raise AssertionError("a rank failed:\n" + "\n".join(errors)) from None
+            raise AssertionError(f"a rank failed ({type(err).__name__}: {err}):\n" + "\n".join(errors)) from None
         return [pickle.loads(Path(out, f"{r}.pkl").read_bytes())[1] for r in range(world)]
 
 
