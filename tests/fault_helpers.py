@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOW_LOSS = "tests.test_preemption:SlowContrastive"  # a quarter of a second per step
 
 
-def tiny_experiments(tmp_path: Path, data: Path, name: str = "tiny", **sections: dict[str, Any]) -> Path:
+def tiny_experiments(tmp_path: Path, shards: Path, name: str = "tiny", **sections: dict[str, Any]) -> Path:
     """An experiments.yaml with one tiny experiment (train only unless ``stages`` says otherwise)."""
     entry: dict[str, Any] = {
         "description": "a tiny experiment for the fault tests",
         "stages": ["train"],
-        "data": {"root": str(data), "image_size": 32, "batch_size": 8, "samples_per_class": 2, "num_workers": 0},
+        "data": {"root": str(shards), "image_size": 32, "batch_size": 8, "samples_per_class": 2, "num_workers": 0},
         "model": {"backbone": "test_vit", "embed_dim": 16},
         "loss": {"terms": [{"name": SLOW_LOSS}]},
         "train": {"epochs": 4, "seed": 3, "log_every": 1, "checkpoint_every": 1000},
