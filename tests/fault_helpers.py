@@ -43,7 +43,13 @@ def start_submit(experiments: Path, *argv: str, log_dir: Path) -> subprocess.Pop
     cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--experiments", str(experiments), *argv]
     return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=open(log_dir / "out", "w"),
                             stderr=open(log_dir / "err", "w"), text=True, start_new_session=True,
-                            env=child_env())
+                            env=child_env(), preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """Ctrl-C as in a terminal's foreground job: a shell that starts a job in the background (``cmd &``,
+    as CI runners may) sets SIGINT to ignored, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def child_env() -> dict[str, str]:
