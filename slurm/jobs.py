@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
-from slurm import signals
+from slurm import exiting, signals
 
 if TYPE_CHECKING:  # the library is imported late, in the job (the submitting process stays light)
     from imret.config import ExperimentConfig
@@ -48,7 +48,7 @@ class StageJob:
         explain = _requeue_refused(cfg, self.stage)
         submitit_handler = signals.route(explain)
         try:
-            return run_stage(cfg, self.stage)
+            summary = run_stage(cfg, self.stage)
         except stopping.StopRequested:
             signals.stopped()
             if stopping.purpose() == stopping.END:
@@ -57,6 +57,8 @@ class StageJob:
                 signals.requeue(submitit_handler, explain)
             signals.end(self.stage)
             raise AssertionError("unreachable: the rank exits for its requeue or its end")
+        exiting.leave_without_teardown()
+        return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # By the time submitit calls this, the trainer has saved its state at a safe point (see
@@ -82,6 +84,7 @@ class ArrayTaskJob:
         signals.route(_requeue_refused(cfg, self.step.split("-")[0]))
         out = run_array_task(cfg, array_step(self.step), self.task_index, self.num_tasks)
         print(f"{self.step}: task {self.task_index + 1}/{self.num_tasks} -> {out}", flush=True)
+        exiting.leave_without_teardown()
         return str(out)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
