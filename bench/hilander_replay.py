@@ -20,8 +20,16 @@ scored with ``imret.metrics.quality`` as bench/cluster.py does. What it reports:
 - the scores of the reference, of imret's replay, and of imret's inference with the
   reference's final weights.
 
-    OMP_NUM_THREADS=1 python -m bench.hilander_replay /work/scratch/hilander/replay/dgl_seed0.npz \
-        /work/scratch/hilander/planted_data.npz /work/scratch/hilander/replay/imret_seed0
+BENCHMARKS.md's figures (about 5 minutes each on 1 thread) came from
+
+    OMP_NUM_THREADS=1 python -m bench.hilander_replay replay/dgl_seed0.npz planted_data.npz replay/imret_seed0
+    OMP_NUM_THREADS=1 python -m bench.hilander_replay replay/dgl_seed0.npz planted_data.npz \
+        replay/imret_seed0_sorted --sorted-seeds
+
+The second run feeds each step's seeds in ascending id: the same sums in another order,
+so it differs from the first by float rounding alone, which measures how far rounding
+carries over 9,000 steps. Each run writes OUT.json (the report) and OUT.npz (imret's
+labels, selection, densities, final weights and the weights at the snapshot epochs).
 """
 
 from __future__ import annotations
@@ -89,8 +97,8 @@ def compare_graphs(graphs: list[LevelGraph], ref: Any) -> tuple[dict[str, Any], 
 class Replay:
     """The reference's recorded steps, as imret's seed arrays and (seeds, k) loss masks."""
 
-    def __init__(self, ref: Any, graphs: list[LevelGraph], maps: list[np.ndarray]) -> None:
-        self.ref, self.graphs, self.maps = ref, graphs, maps
+    def __init__(self, ref: Any, graphs: list[LevelGraph], maps: list[np.ndarray], sort: bool = False) -> None:
+        self.ref, self.graphs, self.maps, self.sort = ref, graphs, maps, sort
         self.graph, self.loss = ref["step_graph"], ref["step_loss"]
         self.seeds, self.seed_off = ref["step_seeds"], ref["step_seeds_offsets"]
         self.kept, self.kept_off = ref["step_kept"], ref["step_kept_offsets"]
@@ -102,6 +110,7 @@ class Replay:
         """(graph index, seed ids in the sampler's order, the balanced mask of their in-edges)."""
         i = int(self.graph[s])
         seeds = self.seeds[self.seed_off[s]:self.seed_off[s + 1]].astype(np.int64)
+        seeds = np.sort(seeds) if self.sort else seeds
         where = self.maps[i]
         bits = np.unpackbits(self.kept[self.kept_off[s]:self.kept_off[s + 1]])[:len(where)].astype(bool)
         assert (where[bits] >= 0).all(), "the reference kept an edge imret's graph lacks"
@@ -188,15 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="output prefix: OUT.json and OUT.npz")
     ap.add_argument("--restarts", type=int, nargs="*", default=None,
                     help="snapshot epochs to restart from for one epoch (default: each with the next one recorded)")
+    ap.add_argument("--sorted-seeds", action="store_true",
+                    help="each step's seeds in ascending id, not the sampler's order: the same sums in another "
+                         "order, so the run differs from the recorded one by float rounding alone")
     args = ap.parse_args(argv)
     ref, data = np.load(args.reference), np.load(args.data)
     recipe = json.loads(str(ref["params"]))
     params = LanderParams(epochs=recipe["epochs"], device="cpu")
     assert tuple(recipe["knn_k"]) == params.knn_k and recipe["hidden"] == params.hidden and recipe["lr"] == params.lr
-    report: dict[str, Any] = {"reference": args.reference, "epochs": params.epochs}
+    report: dict[str, Any] = {"reference": args.reference, "epochs": params.epochs, "sorted_seeds": args.sorted_seeds}
     graphs, _ = build_training_graphs(data["lab_x"], data["lab_y"], params.knn_k, params.levels)
     report["graphs"], maps = compare_graphs(graphs, ref)
-    replay = Replay(ref, graphs, maps)
+    replay = Replay(ref, graphs, maps, args.sorted_seeds)
     per_epoch = len(replay) // params.epochs
     model = Lander(data["lab_x"].shape[1], params.hidden).train()
     tensors = [to_tensors(model, g, torch.device("cpu")) for g in graphs]
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     report.update(free_replay(model, tensors, replay, ref, params, per_epoch, epochs))
     report.update(inference(model, data, ref, params))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out + ".npz", **report.pop("arrays"))
+    np.savez_compressed(args.out + ".npz", **report.pop("arrays"), **report.pop("snapshot_arrays"))
     Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
 
@@ -228,18 +240,19 @@ def free_replay(model: Lander, tensors: list[GraphTensors], replay: Replay, ref:
     """All the steps from the reference's initial weights; weights compared at every snapshot."""
     model.load_state_dict(weights_of(ref, "init_"))
     opt, sched = make_optimiser(model, params, len(replay))
-    started, done, losses, at = time.perf_counter(), 0, [], []
+    started, done, losses, at, snaps = time.perf_counter(), 0, [], [], {}
     for e in epochs:
         losses.append(run_steps(model, tensors, replay, opt, sched, done * per_epoch, e * per_epoch))
         done = e
         at.append({"epoch": e, "weights_max_diff": max_diff(model, ref, f"e{e}_")})
+        snaps.update({f"e{e}_w.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()})
         print(json.dumps(at[-1]), flush=True)
     losses.append(run_steps(model, tensors, replay, opt, sched, done * per_epoch, len(replay)))
     loss = np.concatenate(losses)
     gap = np.abs(loss - replay.loss).max(1)
     first = [int(np.argmax(gap > t)) if (gap > t).any() else None for t in (1e-5, 1e-3, 1e-1)]
     return {"train_s": time.perf_counter() - started, "snapshots": at,
-            "final_weights_max_diff": max_diff(model, ref, ""),
+            "final_weights_max_diff": max_diff(model, ref, ""), "snapshot_arrays": snaps,
             "step_loss_max_diff": float(gap.max()), "first_step_loss_diff_over_1e-5_1e-3_1e-1": first,
             "step_loss_diff_by_epoch_decile": [float(gap[j:j + len(gap) // 10].max())
                                                for j in range(0, len(gap), max(1, len(gap) // 10))]}
