@@ -210,7 +210,8 @@ def run_planted(example_dir: str, data_path: str, out_path: str, epochs: int, se
     data = np.load(data_path)
     p = {**TRAIN, "epochs": epochs}
     # train_subg_inat.py leaves setup_seed(20) commented out. Seeding fixes the initial weights and the
-    # sampler's order, not the balancing's draws (bench/hilander_replay_dgl.py): runs are not repeatable.
+    # sampler's order, not which edges the balancing drops (the block's edge order varies from run to run;
+    # bench/hilander_replay_dgl.py): runs are not repeatable.
     torch.manual_seed(seed)
     np.random.seed(seed)
     started = time.perf_counter()

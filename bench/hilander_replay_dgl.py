@@ -31,8 +31,10 @@ that file's labelled data, minibatches of 64, lr 0.01, 6 epochs; no clustering) 
         --tiny --seed 0
 
 Seeding torch and numpy fixes the initial weights and the sampler's order, but not the
-balancing: two runs with seed 0 kept different edges from the first step on (the cause
-was not traced). That is why the outcome is recorded rather than re-drawn.
+balancing: two runs with seed 0 kept different edges from the first step on. numpy's state
+was the same, but the sampler returned the block's edges in another order, and the
+balancing draws positions in that order. That is why the outcome is recorded rather than
+re-drawn.
 
 The step loop is bench/hilander_dgl.py's ``train`` (train_subg_inat.py:152-227) with the
 recording added after each ``compute_loss``; the recording itself draws nothing.
