@@ -55,6 +55,7 @@ from imret.metrics import quality
 
 
 def weights_of(ref: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict stored under ``prefix`` (``init_``, ``e<epoch>_`` or ``""`` for the final weights)."""
     return {k[len(prefix) + 2:]: torch.from_numpy(ref[k]) for k in ref.files if k.startswith(prefix + "w.")}
 
 
@@ -104,6 +105,7 @@ class Replay:
         self.kept, self.kept_off = ref["step_kept"], ref["step_kept_offsets"]
 
     def __len__(self) -> int:
+        """Steps recorded."""
         return len(self.graph)
 
     def step(self, s: int) -> tuple[int, np.ndarray, torch.Tensor]:
@@ -160,6 +162,7 @@ def restart(model: Lander, ref: Any, epoch: int, params: LanderParams, steps: in
 
 
 def snapshot_epochs(ref: Any) -> list[int]:
+    """The epochs whose weights the reference stored."""
     return sorted({int(k[1:k.index("_")]) for k in ref.files if k.startswith("e") and "_w." in k})
 
 
