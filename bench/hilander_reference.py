@@ -22,6 +22,13 @@ arrays, ``np.savez(..., **open_world())``):
     OMP_NUM_THREADS=1 /tmp/dglenv/bin/python -m bench.hilander_reference planted \
         ref_src/examples/pytorch/hilander planted_data.npz planted_ref_seed<S>.npz 1000 <S>
 
+tests/data/hilander_replay.npz (tests/test_hilander_replay.py: minibatches, shuffled and
+balanced, on this file's labelled data) and the replayed-randomness comparison of
+BENCHMARKS.md are made by bench/hilander_replay_dgl.py in the same virtualenv:
+
+    OMP_NUM_THREADS=1 /tmp/dglenv/bin/python -m bench.hilander_replay_dgl ref_src/examples/pytorch/hilander \
+        tests/data/hilander_reference.npz tests/data/hilander_replay.npz --tiny --seed 0
+
 What the npz stores (``g<i>_*``: training graph i; ``<m>_*``: model m):
 
 - the tiny data: labelled (``lab_*``) and unlabelled (``unl_*``) raw features and labels;
@@ -202,7 +209,9 @@ def run_planted(example_dir: str, data_path: str, out_path: str, epochs: int, se
     load_hilander(example_dir)
     data = np.load(data_path)
     p = {**TRAIN, "epochs": epochs}
-    # train_subg_inat.py leaves setup_seed(20) commented out; we seed for a repeatable run.
+    # train_subg_inat.py leaves setup_seed(20) commented out. Seeding fixes the initial weights and the
+    # sampler's order, not which edges the balancing drops (the block's edge order varies from run to run;
+    # bench/hilander_replay_dgl.py): runs are not repeatable.
     torch.manual_seed(seed)
     np.random.seed(seed)
     started = time.perf_counter()
