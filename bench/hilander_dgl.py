@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -98,8 +99,15 @@ def _loader(g: Any, k: int, num_conv: int, batch_size: int, shuffle: bool) -> An
                                       shuffle=shuffle, drop_last=False, num_workers=0)
 
 
-def train(model: Any, gs: list, ks: list, p: dict[str, Any], shuffle: bool = True) -> list[list[float]]:
-    """train_subg_inat.py:152-227: the epoch loop; returns each epoch's mean (loss, den, conn)."""
+def train(model: Any, gs: list, ks: list, p: dict[str, Any], shuffle: bool = True,
+          on_step: Callable[[int, Any, Any, tuple[float, float, float]], None] | None = None,
+          on_epoch: Callable[[int, Any], None] | None = None) -> list[list[float]]:
+    """train_subg_inat.py:152-227: the epoch loop; returns each epoch's mean (loss, den, conn).
+
+    ``on_step(graph index, seed nodes, output block, losses)`` sees each step after the loss
+    (whose balancing has marked the block's edges it kept), ``on_epoch(epoch, optimizer)``
+    each epoch's end; neither draws anything, so watching a run does not change it.
+    """
     import torch
 
     model.train()
@@ -109,22 +117,27 @@ def train(model: Any, gs: list, ks: list, p: dict[str, Any], shuffle: bool = Tru
     iters = [iter(loader) for loader in loaders]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["epochs"] * rounds * len(loaders), eta_min=1e-5)
     history = []
-    for _ in range(p["epochs"]):
+    for epoch in range(p["epochs"]):
         losses = []
         for _ in range(rounds):
             for i in range(len(loaders)):
                 try:
-                    _, _, blocks = next(iters[i])
+                    _, seeds, blocks = next(iters[i])
                 except StopIteration:  # the script's bare except: a fresh loader, reshuffled
                     iters[i] = iter(_loader(gs[i], ks[i], p["num_conv"], p["batch_size"], shuffle))
-                    _, _, blocks = next(iters[i])
+                    _, seeds, blocks = next(iters[i])
                 opt.zero_grad()
-                loss, den, conn = model.compute_loss(model(blocks))
+                out = model(blocks)
+                loss, den, conn = model.compute_loss(out)
                 losses.append((loss.item(), den, conn))
+                if on_step is not None:
+                    on_step(i, seeds, out, losses[-1])
                 loss.backward()
                 opt.step()
                 sched.step()
         history.append(np.mean(np.array(losses), 0).tolist())
+        if on_epoch is not None:
+            on_epoch(epoch, opt)
     return history
 
 

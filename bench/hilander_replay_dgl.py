@@ -36,8 +36,8 @@ was the same, but the sampler returned the block's edges in another order, and t
 balancing draws positions in that order. That is why the outcome is recorded rather than
 re-drawn.
 
-The step loop is bench/hilander_dgl.py's ``train`` (train_subg_inat.py:152-227) with the
-recording added after each ``compute_loss``; the recording itself draws nothing.
+The step loop is bench/hilander_dgl.py's ``train`` (train_subg_inat.py:152-227); the
+recording is its step and epoch callbacks, which draw nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import torch
 
-from bench.hilander_dgl import _loader, cluster, load_hilander, make_lander, predict, training_graphs
+from bench.hilander_dgl import cluster, load_hilander, make_lander, predict, train, training_graphs
 from bench.hilander_reference import TEST, TRAIN
 
 
@@ -71,37 +71,23 @@ def train_recorded(model: Any, gs: list, ks: list, p: dict[str, Any], snapshots:
     """bench.hilander_dgl.train, recording each step's graph, seed order, kept edges and losses."""
     import dgl
 
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    loaders = [_loader(g, k, p["num_conv"], p["batch_size"], True) for g, k in zip(gs, ks)]
-    rounds = len(loaders[0])
-    iters = [iter(loader) for loader in loaders]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["epochs"] * rounds * len(loaders), eta_min=1e-5)
     rec: dict[str, Any] = {"graph": [], "seeds": [], "kept": [], "loss": [], "snap": {}}
-    for epoch in range(p["epochs"]):
-        for _ in range(rounds):
-            for i in range(len(loaders)):
-                try:
-                    _, seeds, blocks = next(iters[i])
-                except StopIteration:
-                    iters[i] = iter(_loader(gs[i], ks[i], p["num_conv"], p["batch_size"], True))
-                    _, seeds, blocks = next(iters[i])
-                opt.zero_grad()
-                out = model(blocks)
-                loss, den, conn = model.compute_loss(out)
-                # compute_loss balanced the block's mask_conn in place: the edges the loss used.
-                kept = np.zeros(gs[i].num_edges(), bool)
-                kept[out.edata["global_eid"][out.edata["mask_conn"]].numpy()] = True
-                rec["graph"].append(i)
-                rec["seeds"].append(seeds.numpy().astype(np.int32))
-                rec["kept"].append(np.packbits(kept))
-                rec["loss"].append((loss.item(), den, conn))
-                assert out.num_dst_nodes() == len(seeds) and bool((out.dstdata[dgl.NID] == seeds).all())
-                loss.backward()
-                opt.step()
-                sched.step()
+
+    def step(i: int, seeds: Any, out: Any, losses: tuple[float, float, float]) -> None:
+        # compute_loss balanced the block's mask_conn in place: the edges the loss used.
+        kept = np.zeros(gs[i].num_edges(), bool)
+        kept[out.edata["global_eid"][out.edata["mask_conn"]].numpy()] = True
+        assert out.num_dst_nodes() == len(seeds) and bool((out.dstdata[dgl.NID] == seeds).all())
+        rec["graph"].append(i)
+        rec["seeds"].append(seeds.numpy().astype(np.int32))
+        rec["kept"].append(np.packbits(kept))
+        rec["loss"].append(losses)
+
+    def epoch_end(epoch: int, opt: Any) -> None:
         if epoch + 1 in snapshots:
             rec["snap"].update(snapshot(f"e{epoch + 1}_", model, opt))
+
+    train(model, gs, ks, p, shuffle=True, on_step=step, on_epoch=epoch_end)
     return rec
 
 
