@@ -18,13 +18,16 @@ interpreter was about to use, so a failure after the stage (an exception that re
 top) still ends the rank with 1, and skips the C++ teardown of threads nobody can join.
 Only a process started as submitit's job entry point is ended this way: under the debug
 executor, or a test calling a job object, the job runs inside the submitting process,
-whose own exit must stay untouched.
+whose own exit must stay untouched. A ``sys.exit(n)`` after the guard (submitit's USR2
+handler requeuing a job that has in fact finished) ends with 0: the work is done, and the
+requeued job skips it.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 from types import TracebackType
 
@@ -49,8 +52,6 @@ def leave_without_teardown() -> None:
 
 
 def _exit_now() -> None:
-    import os
-
     logging.shutdown()  # flushes submitit's log handlers, which the skipped teardown would have done
     for stream in (sys.stdout, sys.stderr):
         try:
