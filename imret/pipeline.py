@@ -114,9 +114,9 @@ def run_stage(cfg: ExperimentConfig, stage: str, info: distributed.DistInfo | No
         run.mark_done(stage, {"seconds": round(time.time() - started, 1), "world_size": info.world_size,
                               "config_digest": cfg.digest(), "summary": summary})
         print(f"{stage}: done in {time.time() - started:.1f} s", flush=True)
-    # Leave the process group together. A group left to interpreter shutdown can abort a rank
-    # ("terminate called without an active exception") when its peer has already gone, and
-    # with srun --kill-on-bad-exit that fails a job whose work had finished.
+    # Leave the process group together, so no rank is still in a collective when a peer exits.
+    # Once DDP has used the group, torch keeps its threads alive even after this; a job process
+    # therefore ends without C++ teardown (slurm/exiting.py), which could otherwise abort it.
     distributed.barrier(info)
     distributed.shutdown()
     return summary
