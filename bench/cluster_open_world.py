@@ -17,11 +17,17 @@ file (bench/hilander_reference.py says how), scored with the same ``imret.metric
     OMP_NUM_THREADS=1 python -m bench.cluster --open-world --seeds 0 1 2 --out-dir runs/bench/open_world
     python -m bench.cluster --open-world --table --out-dir runs/bench/open_world   # the table of finished runs
     OMP_NUM_THREADS=1 python -m bench.cluster --open-world --scale 100000 --epochs 1   # time and memory
+    python -m bench.cluster --open-world --cross-check DIR   # imret's inference on the reference's weights
 
 ``--scale N`` times Hi-LANDER instead: N points, 128-d (PSS's embedding size), in classes
 of Pareto-distributed sizes (mean about 100); ``--epochs`` of PSS's recipe on all N
-points, then inference on the same N points with that model. It prints the wall and
-CPU seconds of each and the process's peak RSS after each (a running maximum).
+points, then inference on the same N points with that model. ``--train-points M`` trains
+on a random M of them instead, to time inference at a size where training would not fit
+the machine. The k-NN is exact below ``cluster.exact_below`` points and HNSW above, as in
+the cluster stage. It prints the wall and CPU seconds of each and the process's peak RSS
+after each (a running maximum).
+
+    OMP_NUM_THREADS=2 python -m bench.cluster --open-world --scale 1000000 --train-points 20000 --epochs 5
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ REFERENCE = Path(__file__).with_name("hilander_planted_reference.json")
 COLUMNS = [("selected_fraction", "selected"), ("pairwise_f", "pairwise F (sel.)"), ("bcubed_f", "BCubed F (sel.)"),
            ("nmi", "NMI (sel.)"), ("pairwise_f_all", "pairwise F (all)"), ("bcubed_f_all", "BCubed F (all)"),
            ("nmi_all", "NMI (all)")]
+LOSS_TAIL = 50  # epochs averaged for the end-of-training losses
 
 
 def planted_classes(rng: np.random.Generator, sizes: np.ndarray, dim: int, rank: int = 6, spread: float = 0.35,
@@ -139,17 +146,91 @@ def table(groups: dict[str, list[dict[str, Any]]]) -> str:
     if ours and ref:
         gaps = [mean_sd(ours, k)[0] - mean_sd(ref, k)[0] for k, _ in COLUMNS]
         lines.append("| imret − reference (means) | " + " | ".join(f"{g:+.3f}" for g in gaps) + " |")
+        pairs = paired(ours, ref)
+        if len(pairs) > 1:  # seed S gives both the same initial weights
+            seeds = ", ".join(str(a["seed"]) for a, _ in pairs)
+            cells = [f"{m:+.3f} ± {se:.3f}" for m, se in (paired_gap(pairs, k) for k, _ in COLUMNS)]
+            lines.append(f"| imret − reference, paired ({seeds}): mean ± standard error | " + " | ".join(cells) + " |")
+            lines += ["", loss_line(pairs)]
     return "\n".join(lines)
+
+
+def paired(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(imret run, reference run) for every seed run by both."""
+    by_seed = {r["seed"]: r for r in ref}
+    return [(r, by_seed[r["seed"]]) for r in ours if r["seed"] in by_seed]
+
+
+def paired_gap(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> tuple[float, float]:
+    """Mean and standard error of imret − reference over the paired seeds."""
+    d = np.array([a[key] - b[key] for a, b in pairs], dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def loss_line(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """The training losses at the end (mean of the last LOSS_TAIL epochs), imret against the reference."""
+    pairs = [(a, b) for a, b in pairs if a.get("final_losses") and b.get("final_losses")]
+    if len(pairs) < 2:
+        return "Training losses: not recorded for two or more paired seeds."
+    d = np.array([np.subtract(a["final_losses"], b["final_losses"]) for a, b in pairs])
+    ref = np.array([b["final_losses"] for _, b in pairs]).mean(0)
+    parts = [f"{name} {r:.4f}, imret {m:+.4f} ± {se:.4f}" for name, r, m, se in
+             zip(("loss", "density loss", "edge loss"), ref, d.mean(0), d.std(0, ddof=1) / np.sqrt(len(d)))]
+    return (f"Training loss, mean of the last {LOSS_TAIL} epochs, reference and imret − reference (paired, "
+            f"{len(pairs)} seeds): " + "; ".join(parts) + ".")
+
+
+def final_losses(log: Path) -> list[float] | None:
+    """(loss, density loss, edge loss) averaged over the last LOSS_TAIL epochs of a train.jsonl."""
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    tail = np.array([[r["loss"], r["density"], r["edge"]] for r in rows[-LOSS_TAIL:]])
+    return tail.mean(0).tolist()
 
 
 def load_groups(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Every finished run in ``out_dir``, and the reference's recorded figures."""
     def runs(method: str) -> list[dict[str, Any]]:
         files = sorted(out_dir.glob(f"{method}_seed*.figures.json"))
-        return sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["seed"])
+        rows = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["seed"])
+        for r in rows:  # tools.cluster keeps the training log beside the result
+            r.setdefault("final_losses", final_losses(out_dir / f"{method}_seed{r['seed']}.hilander" / "train.jsonl"))
+        return rows
 
     reference = json.loads(REFERENCE.read_text())["runs"]
     return {"imret hilander": runs("hilander"), "DGL reference": reference, "imret density": runs("density")}
+
+
+def cross_check(ref_dir: Path) -> list[dict[str, Any]]:
+    """imret's inference with each reference run's final weights, against that run's own clustering.
+
+    ``ref_dir`` holds the reference's ``planted_ref_seed<S>.npz`` files (bench/hilander_reference.py
+    ``planted`` writes the final weights, labels, selection and level-0 densities). Equal
+    partitions and selections for every seed mean the difference between the two programs'
+    scores comes from training, not from inference.
+    """
+    import torch
+
+    from imret.cluster.hilander import LanderParams, infer_hilander, make_model
+
+    x = open_world()["unl_x"]
+    params = LanderParams(device="cpu")
+    out = []
+    for path in sorted(ref_dir.glob("planted_ref_seed*.npz"), key=lambda q: int(q.stem.removeprefix("planted_ref_seed"))):
+        ref = np.load(path)
+        model = make_model(x.shape[1], params)
+        model.load_state_dict({k[2:]: torch.from_numpy(ref[k]) for k in ref.files if k.startswith("w.")})
+        labels, density, selected, info = infer_hilander(model, x, params)
+        pairs = np.unique(np.stack([labels, ref["labels"]]), axis=1).shape[1]
+        out.append({"seed": int(path.stem.removeprefix("planted_ref_seed")),
+                    "same_partition": pairs == len(np.unique(labels)) == len(np.unique(ref["labels"])),
+                    "same_selection": bool((selected == ref["selected"]).all()),
+                    "max_density_diff": float(np.abs(density - ref["density"]).max()),
+                    "levels_nodes": info["nodes"]})
+    return out
 
 
 def scale_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -166,20 +247,32 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def scale(n: int, epochs: int) -> dict[str, Any]:
-    """Training (``epochs`` of PSS's recipe) and inference time and peak RSS on ``n`` points."""
+def scale(n: int, epochs: int, train_points: int = 0) -> dict[str, Any]:
+    """Training (``epochs`` of PSS's recipe) and inference time and peak RSS on ``n`` points.
+
+    Training uses ``train_points`` of them (all when 0), drawn at random.
+    """
+    import dataclasses
+
     import torch
 
     from imret.cluster.hilander import LanderParams, infer_hilander, train_hilander
+    from imret.config import ClusterConfig, HilanderConfig
 
     x, y = scale_data(n)
-    out: dict[str, Any] = {"n": len(x), "classes": int(y.max()) + 1, "epochs": epochs,
-                           "torch_threads": torch.get_num_threads(), "rss_data_gb": _rss_gb()}
-    params = LanderParams(epochs=epochs, device="cpu")
+    train = np.sort(np.random.default_rng(1).permutation(len(x))[:train_points]) if 0 < train_points < len(x) \
+        else np.arange(len(x))
+    config = ClusterConfig(hilander=HilanderConfig(epochs=epochs, device="cpu"))
+    params = LanderParams.from_config(config, len(train))
+    out: dict[str, Any] = {"n": len(x), "classes": int(y.max()) + 1, "train_points": len(train), "epochs": epochs,
+                           "torch_threads": torch.get_num_threads(), "rss_data_gb": _rss_gb(),
+                           "train_knn": params.knn}
     wall, cpu = time.perf_counter(), cpu_s()
-    model, log = train_hilander(x, y, params)
+    model, log = train_hilander(x[train], y[train], params)
     out.update(train_wall_s=time.perf_counter() - wall, train_cpu_s=cpu_s() - cpu, graphs_s=log["graphs_s"],
                steps=log["steps"], graph_nodes=log["graph_nodes"], rss_after_train_gb=_rss_gb())
+    params = dataclasses.replace(params, knn=LanderParams.from_config(config, len(x)).knn)
+    out["infer_knn"] = params.knn
     wall, cpu = time.perf_counter(), cpu_s()
     _, _, selected, info = infer_hilander(model, x, params)
     out.update(infer_wall_s=time.perf_counter() - wall, infer_cpu_s=cpu_s() - cpu, knn_s=info["knn_s"],
@@ -200,9 +293,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --out-dir")
     parser.add_argument("--no-density", action="store_true", help="skip the density-peak run")
     parser.add_argument("--scale", type=int, default=0, help="time training and inference on this many points")
+    parser.add_argument("--train-points", type=int, default=0,
+                        help="with --scale: train on this many of the points (default all), infer on all")
+    parser.add_argument("--cross-check", type=Path, metavar="DIR",
+                        help="infer with the final weights of the reference's runs in DIR and compare clusterings")
     args = parser.parse_args(argv)
+    if args.cross_check:
+        for row in cross_check(args.cross_check):
+            print(json.dumps(row))
+        return
     if args.scale:
-        print(json.dumps(scale(args.scale, args.epochs)))
+        print(json.dumps(scale(args.scale, args.epochs, args.train_points)))
         return
     if not args.table:
         paths = write_inputs(args.out_dir)
