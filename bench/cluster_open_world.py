@@ -299,7 +299,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="infer with the final weights of the reference's runs in DIR and compare clusterings")
     args = parser.parse_args(argv)
     if args.cross_check:
-        for row in cross_check(args.cross_check):
+        rows = cross_check(args.cross_check)
+        if not rows:
+            raise SystemExit(f"--cross-check: no planted_ref_seed<S>.npz in {args.cross_check}; point it at the "
+                             "folder where bench/hilander_reference.py planted wrote the reference's runs")
+        for row in rows:
             print(json.dumps(row))
         return
     if args.scale:
