@@ -27,7 +27,7 @@ the machine. The k-NN is exact below ``cluster.exact_below`` points and HNSW abo
 the cluster stage. It prints the wall and CPU seconds of each and the process's peak RSS
 after each (a running maximum).
 
-    OMP_NUM_THREADS=2 python -m bench.cluster --open-world --scale 1000000 --train-points 20000 --epochs 5
+    OMP_NUM_THREADS=2 python -m bench.cluster --open-world --scale 1000000 --train-points 20000 --epochs 10
 """
 
 from __future__ import annotations
