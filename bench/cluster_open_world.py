@@ -193,11 +193,13 @@ def final_losses(log: Path) -> list[float] | None:
 
 def load_groups(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Every finished run in ``out_dir``, and the reference's recorded figures."""
+    from imret.cluster.hilander import TRAIN_LOG
+
     def runs(method: str) -> list[dict[str, Any]]:
         files = sorted(out_dir.glob(f"{method}_seed*.figures.json"))
         rows = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["seed"])
-        for r in rows:  # tools.cluster keeps the training log beside the result
-            r.setdefault("final_losses", final_losses(out_dir / f"{method}_seed{r['seed']}.hilander" / "train.jsonl"))
+        for r in rows:  # tools.cluster's work folder for --out X.json is X.<method>, beside it
+            r.setdefault("final_losses", final_losses(out_dir / f"{method}_seed{r['seed']}.{method}" / TRAIN_LOG))
         return rows
 
     reference = json.loads(REFERENCE.read_text())["runs"]
